@@ -1,0 +1,150 @@
+"""The ``trimode`` command line.
+
+    trimode generate --model DIR --mode {ar,diffusion,spec} [options] PROMPT
+
+Streams the text as tokens are accepted, then prints the counters (forwards by kind, tokens per forward,
+accepted lengths, tokens/s). Bad arguments exit with status 2 and a message naming the argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .request import Mode
+
+MODES = [m.value for m in Mode]
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {value}")
+        return value
+    return parse
+
+
+def _unit_float(name: str, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+        return value
+    return parse
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--temperature must be a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--temperature must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trimode", description="Tri-mode LM runtime: AR, block diffusion, "
+                                     "self-speculation over one KV cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    g.add_argument("--mode", choices=MODES, default="spec", help="decoding mode (default: spec)")
+    g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
+    g.add_argument("--block-length", type=_positive_int("--block-length"), default=None,
+                   help="block length for diffusion and spec (default: the checkpoint's block_size)")
+    g.add_argument("--threshold", type=_unit_float("--threshold"), default=None,
+                   help="confidence threshold (diffusion default 0.9; spec default 0 = one draft pass)")
+    g.add_argument("--policy", choices=["threshold", "topk", "leftmost"], default="threshold",
+                   help="diffusion unmasking policy")
+    g.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
+                   help="diffusion: denoising passes per block (default: block length)")
+    g.add_argument("--no-lora", action="store_true", help="spec: draft without the linear_spec_lora adapter")
+    g.add_argument("--temperature", type=_temperature, default=0.0)
+    g.add_argument("--top-k", type=_positive_int("--top-k"), default=None)
+    g.add_argument("--top-p", type=_unit_float("--top-p", low_open=True), default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
+    return parser
+
+
+def _mode_config(args: argparse.Namespace, block_size: int):
+    from .request import ARConfig, DiffusionConfig, SpecConfig
+
+    block = args.block_length or block_size
+    if args.mode == "ar":
+        return ARConfig()
+    if args.mode == "diffusion":
+        threshold = (0.9 if args.threshold is None else args.threshold) if args.policy == "threshold" else None
+        if args.policy != "threshold" and args.threshold is not None:
+            raise ValueError("--threshold applies only to --policy threshold")
+        return DiffusionConfig(block, args.policy, threshold, args.max_steps)
+    return SpecConfig(block, args.threshold or 0.0, use_lora=not args.no_lora)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from .api import TriModeLM
+    from .checkpoint import CheckpointError
+    from .tokenizer import StreamDecoder
+
+    try:
+        lm = TriModeLM.from_pretrained(args.model, dtype=args.dtype)
+    except CheckpointError as e:
+        print(f"trimode: error: --model: {e}", file=sys.stderr)
+        return 2
+    if lm.tokenizer is None:
+        print(f"trimode: error: --model: {args.model} has no tokenizer.json; text prompts need one", file=sys.stderr)
+        return 2
+    request = lm.request(args.prompt, args.max_new_tokens, _mode_config(args, lm.config.block_size),
+                         temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p, seed=args.seed)
+    stream = StreamDecoder(lm.tokenizer)
+
+    def on_tokens(_: int, ids: list[int]) -> None:
+        if not args.json:
+            sys.stdout.write(stream.push(ids))
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    result = lm.run([request], on_tokens)[0]
+    elapsed = time.perf_counter() - start
+    counters = {"mode": args.mode, **result.counters(), "tokens_per_s": round(len(result.token_ids) / elapsed, 2)}
+    if args.json:
+        print(json.dumps({"text": result.text, **counters}))
+    else:
+        print()
+        print(f"[{args.mode}] {counters['num_tokens']} tokens, {counters['num_forwards']} forwards "
+              f"({', '.join(f'{k} {v}' for k, v in counters['forwards'].items() if v)}), "
+              f"{counters['tokens_per_forward']:.2f} tokens/forward, {counters['tokens_per_s']:.1f} tokens/s"
+              + (f", mean accepted length {counters['mean_accepted_length']:.2f}"
+                 if counters['mean_accepted_length'] else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .request import RequestError
+    from .sampling import SamplingError
+
+    try:
+        if args.command == "generate":
+            return generate(args)
+    except (RequestError, SamplingError, ValueError) as e:
+        parser.error(str(e))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The Nemotron-Labs-Diffusion network: a Ministral3 decoder (pre-norm RMSNorm, GQA with explicit head_dim,
+SwiGLU, YaRN RoPE, Llama-4 query scaling) with one untied output head, ``diffusion_head``, used by every mode.
+
+The module names match the checkpoint (``encoder.layers.i.self_attn.q_proj.weight``, ``diffusion_head.weight``).
+Attention is not computed here: each forward receives an ``attend(layer, q, k, v)`` callable, so the same
+weights and layer math serve dense forwards (training, full-recompute checks: ``forward_dense``) and paged
+forwards over the shared KV cache (``runtime.executor``). The drafter LoRA on ``o_proj`` is applied only to
+tokens whose ``lora_mask`` is 1 (draft passes).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
+
+# attend(layer_idx, q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., Hq, D]
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LoraAdapter(nn.Module):
+    """Low-rank drafter adapter on every layer's o_proj: delta(x) = scale * (x A^T) B^T, scale = alpha / r."""
+
+    def __init__(self, num_layers: int, in_features: int, out_features: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.rank, self.alpha = rank, float(alpha)
+        self.lora_A = nn.ParameterList(nn.Parameter(torch.zeros(rank, in_features)) for _ in range(num_layers))
+        self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(out_features, rank)) for _ in range(num_layers))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[layer_idx], self.lora_B[layer_idx]
+        return (x @ a.to(x.dtype).T) @ b.to(x.dtype).T * self.scale
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.hq, self.hkv, self.d = hq, hkv, d
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class NLDModel(nn.Module):
+    """Weights and layer math of a tri-mode model. See the module docstring for how attention plugs in."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lora: LoraAdapter | None = None
+        inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_attention_factor = attention_factor
+
+    # ---- LoRA -----------------------------------------------------------------------------------------
+
+    def set_lora(self, adapter: LoraAdapter | None) -> None:
+        self.lora = adapter
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors (``encoder.*``, ``diffusion_head.weight``), without the adapter."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("lora.")}
+
+    # ---- forward --------------------------------------------------------------------------------------
+
+    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
+                       lora_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [..., H] for tokens [...] at absolute positions [...].
+
+        ``lora_mask`` ([...], 0/1) selects the tokens whose o_proj gets the drafter LoRA.
+        """
+        h = self.encoder.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attention_factor, h.dtype)
+        q_scale = llama4_query_scale(positions, self.config.rope)
+        use_lora = self.lora is not None and lora_mask is not None and bool(lora_mask.any())
+        if use_lora:
+            token_gate = lora_mask.to(h.dtype)[..., None]
+        lead = input_ids.shape
+        for i, layer in enumerate(self.encoder.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(*lead, attn.hq, attn.d)
+            k = attn.k_proj(x).view(*lead, attn.hkv, attn.d)
+            v = attn.v_proj(x).view(*lead, attn.hkv, attn.d)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if q_scale is not None:
+                q = q * q_scale.to(q.dtype)[..., None, None]
+            o = attend(i, q, k, v).reshape(*lead, attn.hq * attn.d)
+            out = attn.o_proj(o)
+            if use_lora:
+                out = out + self.lora.delta(i, o) * token_gate
+            h = h + out
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.encoder.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.diffusion_head(hidden)
+
+    def forward_dense(self, input_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+                      lora_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V] of a cache-free forward. ``allowed`` [S, S] or [B, S, S] (bool): query i may see key j."""
+        mask = allowed if allowed.dim() == 3 else allowed[None]
+        mask = mask[:, None]  # [B, 1, S, S], broadcast over heads
+
+        def attend(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                scale=self.config.softmax_scale, enable_gqa=True)
+            return out.transpose(1, 2)
+
+        return self.logits(self.forward_hidden(input_ids, positions, attend, lora_mask))
+
+
+def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()

@@ -1,0 +1,185 @@
+"""The three decoding modes as small policies over one loop (runtime.engine).
+
+A policy answers two questions for a sequence: which pass to run next (``plan``) and what the pass's logits
+mean (``consume``). They differ only in block length, attention pattern, whether K/V is kept, and how
+tokens are accepted; the loop, batching, paging and counters are shared.
+
+- AR: decode pass over the pending token (causal, kept); the next token from its logits.
+- Diffusion: a canvas [seed, MASK x (B-1)] (or all MASK) is denoised by block-bidirectional passes that
+  keep nothing; when no mask is left, one causal commit pass writes the block's K/V.
+- Spec: a draft pass (block-bidirectional, LoRA on, nothing kept) fills the masks of [seed, MASK x (B-1)];
+  a verify pass (causal, kept) scores it; the accepted prefix plus a bonus token is emitted and the cache
+  is truncated to what was accepted.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from .acceptance import greedy_accept, rejection_accept
+from .passes import PassKind, SeqPass
+from .request import ARConfig, DiffusionConfig, Mode, SequenceState, SpecConfig
+from .sampling import select_tokens, target_probs
+from .unmasking import even_schedule, first_finished_eos, reveal, token_confidence
+
+
+@dataclass
+class Block:
+    """A block in flight (diffusion canvas or spec draft). ``tokens[0]`` is the pending seed if ``has_seed``."""
+
+    tokens: list[int]
+    masked: list[bool]
+    has_seed: bool
+    phase: PassKind
+    step: int = 0
+    schedule: list[int] = field(default_factory=list)
+    draft_probs: list[torch.Tensor | None] = field(default_factory=list)  # spec sampling: q per position
+
+
+class ModePolicy(ABC):
+    def __init__(self, mask_token_id: int) -> None:
+        self.mask_token_id = mask_token_id
+
+    @abstractmethod
+    def plan(self, seq: SequenceState, cache_len: int) -> SeqPass | None:
+        """The sequence's next pass, or None if it finished without needing one."""
+
+    @abstractmethod
+    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+        """Apply the logits [p.num_logits, V] of the sequence's pass."""
+
+    def take_seed(self, seq: SequenceState) -> bool:
+        """Make sure a pending token exists (drawn from the last causal logits). False if the sequence ended."""
+        if seq.pending is None:
+            assert seq.next_logits is not None, f"sequence {seq.seq_id} has neither a pending token nor logits"
+            token = int(select_tokens(seq.next_logits[None], seq.request.sampling, self.mask_token_id,
+                                      seq.generator)[0])
+            seq.next_logits = None
+            seq.emit([token])
+            seq.pending = token
+        return not seq.is_finished
+
+    def new_block(self, seq: SequenceState, length: int) -> Block:
+        """[pending, MASK x (length-1)] if a token is pending, else [MASK x length]."""
+        has_seed = seq.pending is not None
+        tokens = ([seq.pending] if has_seed else []) + [self.mask_token_id] * (length - has_seed)
+        masked = [False] * has_seed + [True] * (length - has_seed)
+        return Block(tokens, masked, has_seed, PassKind.DENOISE)
+
+    def select(self, seq: SequenceState, logits: torch.Tensor) -> torch.Tensor:
+        return select_tokens(logits, seq.request.sampling, self.mask_token_id, seq.generator)
+
+
+class ARPolicy(ModePolicy):
+    def plan(self, seq: SequenceState, cache_len: int) -> SeqPass | None:
+        if not self.take_seed(seq):
+            return None
+        return SeqPass(seq.seq_id, PassKind.DECODE, (seq.pending,), cache_len)
+
+    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+        seq.pending, seq.next_logits = None, logits[-1]
+
+
+class DiffusionPolicy(ModePolicy):
+    def plan(self, seq: SequenceState, cache_len: int) -> SeqPass | None:
+        cfg: DiffusionConfig = seq.mode
+        block: Block | None = seq.policy_state
+        if block is None:
+            if cfg.causal_context and not self.take_seed(seq):
+                return None
+            # the block holds the pending token (if any) plus at most num_remaining new tokens
+            length = min(cfg.block_length, seq.num_remaining + (seq.pending is not None))
+            block = seq.policy_state = self.new_block(seq, length)
+            num_masks = sum(block.masked)
+            block.schedule = even_schedule(num_masks, cfg.steps_for(length))
+            if num_masks == 0:
+                block.phase = PassKind.COMMIT
+        return SeqPass(seq.seq_id, block.phase, tuple(block.tokens), cache_len,
+                       num_logits=1 if block.phase is PassKind.COMMIT else len(block.tokens))
+
+    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+        block: Block = seq.policy_state
+        if p.kind is PassKind.COMMIT:
+            seq.pending, seq.next_logits, seq.policy_state = None, logits[-1], None
+            return
+        cfg: DiffusionConfig = seq.mode
+        tokens = self.select(seq, logits)
+        confidence = token_confidence(logits, tokens)
+        masked = torch.tensor(block.masked)
+        steps = len(block.schedule)
+        chosen = reveal(confidence, masked, cfg.policy, cfg.threshold, block.schedule[block.step],
+                        is_last_step=block.step == steps - 1)
+        for j in chosen.nonzero().squeeze(-1).tolist():
+            block.tokens[j], block.masked[j] = int(tokens[j]), False
+        block.step += 1
+        seq.revealed_per_step.append(int(chosen.sum()))
+        eos = first_finished_eos(block.tokens, block.masked, seq.request.stop_token_ids)
+        if eos is None and any(block.masked):
+            return
+        end = len(block.tokens) if eos is None else eos + 1
+        seq.emit(block.tokens[int(block.has_seed):end])
+        block.phase = PassKind.COMMIT
+
+
+class SpecPolicy(ModePolicy):
+    def plan(self, seq: SequenceState, cache_len: int) -> SeqPass | None:
+        cfg: SpecConfig = seq.mode
+        block: Block | None = seq.policy_state
+        if block is None:
+            if not self.take_seed(seq):
+                return None
+            block = seq.policy_state = self.new_block(seq, min(cfg.block_length, seq.num_remaining))
+            block.phase = PassKind.DRAFT if any(block.masked) else PassKind.VERIFY
+            block.draft_probs = [None] * len(block.tokens)
+        is_draft = block.phase is PassKind.DRAFT
+        return SeqPass(seq.seq_id, block.phase, tuple(block.tokens), cache_len, num_logits=len(block.tokens),
+                       use_lora=is_draft and cfg.use_lora)
+
+    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+        (self._consume_draft if p.kind is PassKind.DRAFT else self._consume_verify)(seq, p, logits)
+
+    def _consume_draft(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+        cfg: SpecConfig = seq.mode
+        block: Block = seq.policy_state
+        tokens = self.select(seq, logits)
+        masked = torch.tensor(block.masked)
+        if cfg.threshold > 0:
+            chosen = reveal(token_confidence(logits, tokens), masked, "threshold", cfg.threshold, 1, False)
+        else:
+            chosen = masked
+        sampling = seq.request.sampling
+        probs = None if sampling.is_greedy else target_probs(logits, sampling, self.mask_token_id)
+        for j in chosen.nonzero().squeeze(-1).tolist():
+            block.tokens[j], block.masked[j] = int(tokens[j]), False
+            if probs is not None:
+                block.draft_probs[j] = probs[j]
+        if not any(block.masked):
+            block.phase = PassKind.VERIFY
+
+    def _consume_verify(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+        block: Block = seq.policy_state
+        draft = block.tokens[1:]
+        sampling = seq.request.sampling
+        if sampling.is_greedy:
+            target = self.select(seq, logits).tolist()
+            emitted = target[:greedy_accept(draft, target)]
+        else:
+            p_target = target_probs(logits, sampling, self.mask_token_id)
+            q = torch.stack(block.draft_probs[1:]) if draft else p_target[:0]
+            emitted = rejection_accept(draft, q, p_target, seq.generator)
+        n = len(emitted)
+        seq.accepted_lengths.append(n)
+        seq.truncate_to = p.start_pos + n  # keeps the seed and the n-1 accepted drafts
+        seq.emit(emitted)
+        seq.pending, seq.next_logits, seq.policy_state = emitted[-1], None, None
+
+
+def make_policies(mask_token_id: int) -> dict[Mode, ModePolicy]:
+    return {Mode.AR: ARPolicy(mask_token_id), Mode.DIFFUSION: DiffusionPolicy(mask_token_id),
+            Mode.SPEC: SpecPolicy(mask_token_id)}
+
+
+__all__ = ["ARConfig", "DiffusionConfig", "SpecConfig", "ModePolicy", "make_policies"]

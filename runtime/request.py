@@ -1,0 +1,206 @@
+"""Requests, their decoding-mode settings, their results, and the per-sequence state the loop updates.
+
+A mode is data: ``ARConfig``, ``DiffusionConfig`` or ``SpecConfig`` (each frozen and validated once).
+A request may switch mode mid-generation (``switches``): the new mode takes over at the first step boundary
+after the given number of generated tokens, on the same KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Union
+
+import torch
+
+from .passes import PassKind
+from .sampling import SamplingParams
+from .unmasking import POLICIES
+
+
+class Mode(str, Enum):
+    AR = "ar"
+    DIFFUSION = "diffusion"
+    SPEC = "spec"
+
+
+class RequestError(ValueError):
+    """A request with invalid parameters; the message names the parameter and what is allowed."""
+
+
+def _check_block_length(block_length: int) -> None:
+    if not isinstance(block_length, int) or isinstance(block_length, bool) or block_length < 1:
+        raise RequestError(f"block_length must be an integer >= 1, got {block_length!r}")
+
+
+@dataclass(frozen=True)
+class ARConfig:
+    mode = Mode.AR
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Block diffusion. ``threshold`` is used by the ``threshold`` policy only; ``max_steps`` defaults to
+    ``block_length``; ``causal_context`` seeds each block's first slot with the AR token."""
+
+    block_length: int = 32
+    policy: str = "threshold"
+    threshold: float | None = 0.9
+    max_steps: int | None = None
+    causal_context: bool = True
+    mode = Mode.DIFFUSION
+
+    def __post_init__(self) -> None:
+        _check_block_length(self.block_length)
+        if self.policy not in POLICIES:
+            raise RequestError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy == "threshold":
+            if self.threshold is None or math.isnan(self.threshold) or not 0 <= self.threshold <= 1:
+                raise RequestError(f"threshold must be in [0, 1] for policy 'threshold', got {self.threshold!r}")
+        elif self.threshold is not None:
+            raise RequestError(f"threshold applies only to policy='threshold', not {self.policy!r}; leave it unset")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise RequestError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
+
+    def steps_for(self, block_length: int) -> int:
+        return self.max_steps or block_length
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Linear self-speculation: draft a block (bidirectional, LoRA on), verify it causally, keep the
+    accepted prefix. ``threshold`` 0 fills every mask in one draft pass; > 0 repeats draft passes."""
+
+    block_length: int = 32
+    threshold: float = 0.0
+    use_lora: bool = True
+    mode = Mode.SPEC
+
+    def __post_init__(self) -> None:
+        _check_block_length(self.block_length)
+        if self.threshold is None or math.isnan(self.threshold) or not 0 <= self.threshold <= 1:
+            raise RequestError(f"threshold must be in [0, 1], got {self.threshold!r}")
+
+
+ModeConfig = Union[ARConfig, DiffusionConfig, SpecConfig]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    mode: ModeConfig = ARConfig()
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: frozenset[int] = frozenset()   # EOS ids and other stop tokens (emitted, then stop)
+    switches: tuple[tuple[int, ModeConfig], ...] = ()  # (after this many generated tokens, switch to mode)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise RequestError("the prompt is empty: at least one token is needed")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.mode, SpecConfig) or any(isinstance(m, SpecConfig) for _, m in self.switches):
+            spec = [m for m in (self.mode, *(m for _, m in self.switches)) if isinstance(m, SpecConfig)]
+            if not self.sampling.is_greedy and any(m.threshold > 0 for m in spec):
+                raise RequestError("spec decoding with temperature > 0 needs threshold 0: rejection sampling is "
+                                   "exact only for drafts filled in one pass")
+        if list(self.switches) != sorted(self.switches, key=lambda s: s[0]):
+            raise RequestError("switches must be ordered by their token counts")
+
+
+@dataclass
+class GenerationResult:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None          # "stop" (EOS / stop token), "length", "error", "cancelled"
+    forwards: dict[str, int]
+    accepted_lengths: list[int]        # spec: tokens emitted per verify (accepted drafts + 1)
+    revealed_per_step: list[int]       # diffusion: tokens revealed per denoising pass
+    wall_time_s: float
+    error: str | None = None
+    text: str | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_forwards(self) -> int:
+        return sum(self.forwards.values())
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per forward, counting every forward the request took part in (prefill too)."""
+        return len(self.token_ids) / max(self.num_forwards, 1)
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else None
+
+    def counters(self) -> dict:
+        return {"forwards": dict(self.forwards), "num_forwards": self.num_forwards,
+                "num_tokens": len(self.token_ids), "tokens_per_forward": round(self.tokens_per_forward, 4),
+                "mean_accepted_length": self.mean_accepted_length, "accepted_lengths": list(self.accepted_lengths),
+                "wall_time_s": round(self.wall_time_s, 4), "finish_reason": self.finish_reason}
+
+
+TokenCallback = Callable[[int, list[int]], None]   # (request_id, new token ids)
+
+
+@dataclass
+class SequenceState:
+    """What the decoding loop knows about one running request.
+
+    Invariant between steps: the cache holds prompt + generated, except the ``pending`` token (the last
+    generated token, whose K/V is not yet computed) when it is set. When ``pending`` is None, ``next_logits``
+    holds the causal logits for the token after the cache (from the last kept causal pass).
+    """
+
+    seq_id: int
+    request: GenerationRequest
+    mode: ModeConfig
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    pending: int | None = None
+    next_logits: torch.Tensor | None = None
+    is_prefilled: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    exception: BaseException | None = None
+    forwards: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in PassKind})
+    accepted_lengths: list[int] = field(default_factory=list)
+    revealed_per_step: list[int] = field(default_factory=list)
+    policy_state: object | None = None   # owned by the current mode's policy; None at a step boundary
+    truncate_to: int | None = None       # set by a policy: roll the cache back to this length after the step
+    start_time: float = field(default_factory=time.perf_counter)
+    on_tokens: TokenCallback | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_remaining(self) -> int:
+        return self.request.max_new_tokens - len(self.generated)
+
+    def emit(self, tokens: list[int]) -> None:
+        """Append generated tokens, cutting after the first stop token and at max_new_tokens."""
+        assert not self.is_finished
+        out = []
+        for t in tokens[:self.num_remaining]:
+            out.append(t)
+            if t in self.request.stop_token_ids:
+                self.finish_reason = "stop"
+                break
+        self.generated.extend(out)
+        if self.finish_reason is None and self.num_remaining == 0:
+            self.finish_reason = "length"
+        if out and self.on_tokens is not None:
+            self.on_tokens(self.seq_id, out)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.seq_id, list(self.request.prompt_ids), list(self.generated), self.finish_reason,
+                                dict(self.forwards), list(self.accepted_lengths), list(self.revealed_per_step),
+                                time.perf_counter() - self.start_time, self.error,
+                                exception=self.exception)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv (first run only) and runs the whole suite on CPU.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/setup_env.sh"
+cd "$root"
+exec "$root/.venv/bin/python" -m pytest "$@"

@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trimode.runtime.cli import main
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "trimode.runtime.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+def test_generate_streams_text_and_counters(ckpt, mode, capsys):
+    assert main(["generate", "--model", ckpt, "--mode", mode, "--max-new-tokens", "12", "--block-length", "4",
+                 "w5 w6 w7"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith(f"[{mode}] ") and "tokens/forward" in out[-1] and "tokens/s" in out[-1]
+    assert out[0].strip(), "the generated text is streamed before the counters"
+
+
+def test_generate_json_counters(ckpt, capsys):
+    assert main(["generate", "--model", ckpt, "--mode", "spec", "--max-new-tokens", "9", "--json", "w5 w9"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["num_tokens"] == 9 and data["forwards"]["verify"] == len(data["accepted_lengths"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "beam"], "argument --mode: invalid choice: 'beam' (choose from 'ar', 'diffusion', 'spec')"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+    (["--threshold", "1.5"], "--threshold must be in [0, 1], got 1.5"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--mode", "diffusion", "--policy", "topk", "--threshold", "0.5"], "--threshold applies only to --policy threshold"),
+])
+def test_bad_arguments_name_the_argument(ckpt, args, message):
+    proc = _cli("generate", "--model", ckpt, *args, "w5")
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_bad_model_dir(tmp_path):
+    proc = _cli("generate", "--model", str(tmp_path), "w5")
+    assert proc.returncode == 2 and "--model:" in proc.stderr and "config.json" in proc.stderr

@@ -103,6 +103,9 @@ class NLDModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lora: LoraAdapter | None = None
+        # Sum of partial results across tensor-parallel ranks (identity on one rank): applied to the attention
+        # output (o_proj + LoRA) and the MLP output of every layer. See runtime/tensor_parallel.py.
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
         inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_attention_factor = attention_factor
@@ -144,8 +147,8 @@ class NLDModel(nn.Module):
             out = attn.o_proj(o)
             if use_lora:
                 out = out + self.lora.delta(i, o) * token_gate
-            h = h + out
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self.reduce(out)
+            h = h + self.reduce(layer.mlp(layer.post_attention_layernorm(h)))
         return self.encoder.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -164,6 +167,10 @@ class NLDModel(nn.Module):
             return out.transpose(1, 2)
 
         return self.logits(self.forward_hidden(input_ids, positions, attend, lora_mask))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -23,7 +23,10 @@ def rope_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, flo
         return (1.0 / pos_freqs).float(), 1.0
     # YaRN: interpolate low frequencies by `factor`, keep high frequencies, linear ramp in between.
     factor = rope.factor
-    attention_factor = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+    if rope.mscale and rope.mscale_all_dim:
+        attention_factor = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+    else:  # as Hugging Face: a zero mscale means the plain YaRN factor 0.1 ln(f) + 1
+        attention_factor = _yarn_mscale(factor)
     orig = rope.original_max_position_embeddings
 
     def correction_dim(num_rotations: float) -> float:

@@ -6,13 +6,13 @@ prompts of any lengths, plus ``run`` for requests that mix modes or switch mode 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .checkpoint import load_model, load_tokenizer
 from .engine import Engine
-from .executor import make_executor
+from .executor import Executor, make_executor
 from .kv_cache import PagedKVCache
 from .model import NLDModel
 from .request import (ARConfig, DiffusionConfig, GenerationRequest, GenerationResult, ModeConfig, RequestError,
@@ -23,13 +23,21 @@ from .tokenizer import Tokenizer
 
 class TriModeLM:
     def __init__(self, model: NLDModel, tokenizer: Tokenizer | None = None, num_pages: int = 512,
-                 page_size: int = 16, max_batch_size: int = 64, executor: str = "torch") -> None:
+                 page_size: int = 16, max_batch_size: int = 64,
+                 executor: str | Callable[..., Executor] = "torch") -> None:
+        """``executor``: a registered executor name, or a factory called as ``executor(model=, cache=)``
+        (tensor parallelism wraps the torch executor this way: runtime.tensor_parallel)."""
         cfg = model.config
         param = next(model.parameters())
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
-        self.cache = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, num_pages, page_size,
+        # the KV heads this process holds: all of them, or its share under tensor parallelism
+        num_kv_heads = model.encoder.layers[0].self_attn.hkv
+        self.cache = PagedKVCache(cfg.num_hidden_layers, num_kv_heads, cfg.head_dim, num_pages, page_size,
                                   dtype=param.dtype, device=param.device)
-        self.executor = make_executor(executor, model=model, cache=self.cache)
+        if callable(executor):
+            self.executor = executor(model=model, cache=self.cache)
+        else:
+            self.executor = make_executor(executor, model=model, cache=self.cache)
         self.engine = Engine(self.executor, cfg.mask_token_id, cfg.max_position_embeddings, max_batch_size)
 
     @classmethod
@@ -83,11 +91,12 @@ class TriModeLM:
         return self._batch(prompts, ARConfig(), max_new_tokens, **kw)
 
     def generate(self, prompts, max_new_tokens: int = 128, block_length: int | None = None, policy: str = "threshold",
-                 threshold: float | None = 0.9, max_steps: int | None = None, causal_context: bool = True,
+                 threshold: float | None = None, max_steps: int | None = None, causal_context: bool = True,
                  **kw) -> list[GenerationResult]:
-        """Block diffusion: denoise blocks of ``block_length`` (default: the config's block_size)."""
-        if policy != "threshold" and threshold == 0.9:
-            threshold = None  # the default threshold belongs to the threshold policy only
+        """Block diffusion: denoise blocks of ``block_length`` (default: the config's block_size).
+        ``threshold`` (policy 'threshold' only) defaults to 0.9, the model card's setting."""
+        if policy == "threshold" and threshold is None:
+            threshold = 0.9
         mode = DiffusionConfig(block_length or self.config.block_size, policy, threshold, max_steps, causal_context)
         return self._batch(prompts, mode, max_new_tokens, **kw)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -60,7 +61,13 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+# take(name, full_shape) -> the index of the part of the tensor to read, or None for all of it
+TakeFn = Callable[[str, tuple[int, ...]], "tuple[slice, ...] | None"]
+
+
+def read_safetensors(files: list[Path], take: TakeFn | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of ``files`` by name; with ``take``, only the part of each tensor it selects is read
+    (tensor-parallel ranks read their slices of the unsharded files this way)."""
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
@@ -68,7 +75,11 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
                 for name in f.keys():
                     if name in tensors:
                         raise CheckpointError(f"tensor {name!r} appears in more than one shard ({file.name})")
-                    tensors[name] = f.get_tensor(name)
+                    index = None
+                    if take is not None:
+                        part = f.get_slice(name)
+                        index = take(name, tuple(part.get_shape()))
+                    tensors[name] = f.get_tensor(name) if index is None else part[index]
         except (SafetensorError, OSError, ValueError) as e:
             if isinstance(e, CheckpointError):
                 raise

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
+    from .distributed import add_tp_arguments
+
+    add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
     return parser
 
 
@@ -94,16 +97,18 @@ def _mode_config(args: argparse.Namespace, block_size: int):
     return SpecConfig(block, args.threshold or 0.0, use_lora=not args.no_lora)
 
 
-def generate(args: argparse.Namespace) -> int:
+def generate(args: argparse.Namespace, lm=None) -> int:
+    """Generate from args.prompt with ``lm`` (loaded from args.model if None; rank 0's shard under --tp)."""
     from .api import TriModeLM
     from .checkpoint import CheckpointError
     from .tokenizer import StreamDecoder
 
-    try:
-        lm = TriModeLM.from_pretrained(args.model, dtype=args.dtype)
-    except CheckpointError as e:
-        print(f"trimode: error: --model: {e}", file=sys.stderr)
-        return 2
+    if lm is None:
+        try:
+            lm = TriModeLM.from_pretrained(args.model, dtype=args.dtype)
+        except CheckpointError as e:
+            print(f"trimode: error: --model: {e}", file=sys.stderr)
+            return 2
     if lm.tokenizer is None:
         print(f"trimode: error: --model: {args.model} has no tokenizer.json; text prompts need one", file=sys.stderr)
         return 2
@@ -140,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "generate":
+            if args.tp > 1:
+                from .distributed import generate_tensor_parallel
+
+                return generate_tensor_parallel(args, generate)
             return generate(args)
     except (RequestError, SamplingError, ValueError) as e:
         parser.error(str(e))

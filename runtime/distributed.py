@@ -1,0 +1,283 @@
+"""Process groups for tensor parallelism: who is which rank, one group with timeouts, and the few
+collectives the sharded model and the step broadcast use.
+
+Launchers (N processes, one per GPU or CPU rank):
+
+    mpiexec -n N trimode generate --tp N ...                       # mpi4py: rank 0 broadcasts MASTER_ADDR/PORT
+    torchrun --nproc-per-node N -m trimode.runtime.cli generate --tp N ...   # RANK/WORLD_SIZE/MASTER_* env
+
+Backends: NCCL on CUDA (device ``cuda:<local rank>``), gloo on CPU. Every collective runs under the
+group's timeout, and every failure of one (a peer's connection closed because it died, or no answer
+within the timeout because it hangs) becomes a ``TensorParallelError`` naming this rank, so the other
+ranks stop with an error instead of waiting forever. NCCL enforces its timeout with its own watchdog
+(it aborts the process); gloo raises in the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+_MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALRANKID")
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel run that cannot go on: a peer rank died or timed out, or the ranks disagree."""
+
+
+class TensorParallelConfigError(TensorParallelError):
+    """A tensor-parallel size or launch that cannot work (user input: says what is allowed)."""
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """Where this process sits in the job, and where rank 0 listens for the group's rendezvous."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" (env variables), "mpi" (mpi4py) or "single"
+
+
+def discover_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
+    """Rank discovery: torchrun's env variables if set, else MPI through mpi4py, else a single process."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        return LaunchInfo(rank, world, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world)),
+                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")
+    if any(k in env for k in _MPI_ENV):
+        return _discover_mpi(env)
+    return LaunchInfo(0, 1, 0, 1, "127.0.0.1", 0, "single")
+
+
+def _discover_mpi(env: Mapping[str, str]) -> LaunchInfo:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise TensorParallelConfigError("started by an MPI launcher but mpi4py is not installed: "
+                                  "pip install mpi4py mpich (or use torchrun)") from None
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    hosts = comm.allgather(MPI.Get_processor_name())
+    local_rank = hosts[:rank].count(hosts[rank])
+    address = None
+    if rank == 0:
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if len(set(hosts)) == 1 else _routable_address())
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+        address = (addr, port)
+    addr, port = comm.bcast(address, root=0)
+    return LaunchInfo(rank, world, local_rank, hosts.count(hosts[rank]), addr, port, "mpi")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _routable_address() -> str:
+    """This host's address as other hosts see it (the interface of the default route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+class TPComm:
+    """The tensor-parallel group of this process: its rank, its device, and the collectives it needs."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, timeout_s: float,
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.rank, self.world_size, self.device, self.timeout_s = rank, world_size, device, timeout_s
+        self.group = group
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+            raise TensorParallelError(
+                f"tensor-parallel rank {self.rank}/{self.world_size}: {what} failed: a peer rank died or did not "
+                f"answer within {self.timeout_s:g} s ({str(e).splitlines()[0][:300]})") from None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x over the ranks (in place, returned): the reduce of a row-parallel layer."""
+        if self.world_size > 1:
+            with self._collective("all-reduce"):
+                dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_cat(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Rank 0: the ranks' x concatenated along ``dim`` in rank order; other ranks: x unchanged."""
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.is_leader else None
+        with self._collective("gather"):
+            dist.gather(x, parts, dst=0, group=self.group)
+        return torch.cat(parts, dim=dim) if self.is_leader else x
+
+    def broadcast(self, x: torch.Tensor, what: str = "broadcast") -> torch.Tensor:
+        """Rank 0's x on every rank (in place)."""
+        if self.world_size > 1:
+            with self._collective(what):
+                dist.broadcast(x, src=0, group=self.group)
+        return x
+
+    def all_gather_ints(self, values: list[int], what: str = "handshake") -> list[list[int]]:
+        """Every rank's ``values`` (same length everywhere), in rank order."""
+        mine = torch.tensor(values, dtype=torch.long, device=self.device)
+        if self.world_size == 1:
+            return [values]
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        with self._collective(what):
+            dist.all_gather(parts, mine, group=self.group)
+        return [p.tolist() for p in parts]
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_tensor_parallel(tp: int, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
+                         env: Mapping[str, str] | None = None) -> TPComm:
+    """Join the job's tensor-parallel group of ``tp`` ranks (one per process). ``backend``: auto, gloo, nccl."""
+    if timeout_s <= 0:
+        raise TensorParallelConfigError(f"the collective timeout must be > 0 seconds, got {timeout_s}")
+    launch = discover_launch(env)
+    if launch.world_size != tp:
+        raise TensorParallelConfigError(
+            f"--tp {tp} needs {tp} processes but the launcher started {launch.world_size} "
+            f"({launch.launcher}); launch with `mpiexec -n {tp} ...` or `torchrun --nproc-per-node {tp} ...`")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise TensorParallelConfigError(f"tensor-parallel backend must be auto, gloo or nccl, got {backend!r}")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise TensorParallelConfigError("the nccl backend needs CUDA GPUs; use gloo on CPU")
+        device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if tp == 1:
+        return TPComm(0, 1, device, timeout_s)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one host share its cores (torch would give each rank all of them)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(launch.local_world_size, 1)))
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                rank=launch.rank, world_size=tp, timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as e:
+        raise TensorParallelError(f"tensor-parallel rank {launch.rank}/{tp}: could not join the group at "
+                                  f"{launch.master_addr}:{launch.master_port} within {timeout_s:g} s: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+    return TPComm(launch.rank, tp, device, timeout_s, dist.group.WORLD)
+
+
+# ---- the command line: `trimode generate --tp N` --------------------------------------------------------
+
+def add_tp_arguments(parser) -> None:
+    """The tensor-parallel options of a ``trimode`` subcommand (generate; the server later)."""
+    def positive(text: str) -> int:
+        import argparse
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"--tp must be an integer >= 1, got {text!r}")
+        return value
+
+    def seconds(text: str) -> float:
+        import argparse
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"--tp-timeout must be a number of seconds > 0, got {text!r}")
+        return value
+
+    g = parser.add_argument_group("tensor parallelism (launch N processes: mpiexec -n N, or torchrun)")
+    g.add_argument("--tp", type=positive, default=1, help="tensor-parallel ranks (default 1: no parallelism)")
+    g.add_argument("--tp-backend", choices=["auto", "gloo", "nccl"], default="auto",
+                   help="collectives backend (auto: nccl on GPUs, gloo on CPU)")
+    g.add_argument("--tp-timeout", type=seconds, default=DEFAULT_TIMEOUT_S,
+                   help=f"seconds a rank waits for the others before all stop with an error "
+                        f"(default {DEFAULT_TIMEOUT_S:g})")
+
+
+def generate_tensor_parallel(args, generate_with) -> int:
+    """The handler of ``trimode generate --tp N`` (N > 1) on every rank. Rank 0 loads its shard as a
+    ``TriModeLM`` and runs ``generate_with(args, lm)`` (the single-process generate: request, streaming,
+    counters); the other ranks serve its steps and print nothing. A rank that fails prints one line and
+    exits at once (without the group's teardown, which could wait on a dead peer), so the others see its
+    connection close and stop with an error too."""
+    import sys
+
+    from .checkpoint import CheckpointError
+    from .tensor_parallel import load_tensor_parallel
+
+    where = ""
+
+    def fail(message: str, code: int) -> int:
+        print(f"trimode: error: {where}{message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+
+    try:
+        comm = init_tensor_parallel(args.tp, args.tp_backend, args.tp_timeout)
+    except TensorParallelConfigError as e:
+        return fail(f"--tp: {e}", 2)
+    except TensorParallelError as e:
+        return fail(str(e), 1)
+    where = "" if comm.is_leader else f"(rank {comm.rank}) "
+    try:
+        loaded = load_tensor_parallel(args.model, comm, dtype=args.dtype)
+    except CheckpointError as e:
+        return fail(f"--model: {e}", 2)
+    except TensorParallelConfigError as e:
+        return fail(f"--tp: {e}", 2)
+    except TensorParallelError as e:
+        return fail(str(e), 1)
+    if not comm.is_leader:
+        try:
+            loaded.serve()
+        except TensorParallelError as e:
+            return fail(str(e), 1)
+        except BaseException as e:  # noqa: BLE001 - any failure must end this rank now
+            return fail(f"tensor-parallel rank {comm.rank}: {type(e).__name__}: {e}", 1)
+        comm.close()
+        return 0
+    executor = loaded.executor
+    try:
+        code = generate_with(args, loaded)
+    except TensorParallelError as e:
+        return fail(str(e), 1)
+    except BaseException as e:
+        if executor.is_broken:  # failed mid-step: the workers cannot be released cleanly
+            return fail(f"tensor-parallel rank 0: {type(e).__name__}: {e}", 1)
+        executor.close()
+        raise  # a request error etc.: the workers are released, the CLI reports it as usual
+    executor.close()
+    comm.close()
+    return code

@@ -1,6 +1,8 @@
 """The ``trimode`` command line.
 
     trimode generate --model DIR --mode {ar,diffusion,spec} [options] PROMPT
+    trimode triton-repo --model DIR --out REPO      (runtime/serving.py)
+    trimode serve --repo REPO | --model DIR         (runtime/serving.py)
 
 Streams the text as tokens are accepted, then prints the counters (forwards by kind, tokens per forward,
 accepted lengths, tokens/s). Bad arguments exit with status 2 and a message naming the argument.
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .distributed import add_tp_arguments
 
     add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
+    from .serving import add_subparsers as add_serving
+
+    add_serving(sub)  # triton-repo, serve
     return parser
 
 
@@ -142,15 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .request import RequestError
     from .sampling import SamplingError
+    from .serving import ServingError
 
     try:
+        if hasattr(args, "handler"):
+            return args.handler(args)
         if args.command == "generate":
             if args.tp > 1:
                 from .distributed import generate_tensor_parallel
 
                 return generate_tensor_parallel(args, generate)
             return generate(args)
-    except (RequestError, SamplingError, ValueError) as e:
+    except (RequestError, SamplingError, ServingError, ValueError) as e:
         parser.error(str(e))
     return 1
 

@@ -1,0 +1,444 @@
+"""The Triton Inference Server Python-backend model: one ``TriModeLM`` (one KV cache) behind one
+``EngineService`` loop, serving decoupled (streaming) requests in any mode with continuous batching.
+
+A repository written by ``runtime.serving`` holds a ``model.py`` that only re-exports ``TritonPythonModel``
+from here, so the serving code is part of the installed package. Each Triton request becomes one engine
+request; its responses are sent from the engine loop thread as tokens are accepted.
+
+Inputs (all optional in ``config.pbtxt``; checked here so that every error names the problem):
+
+| name | type | default | meaning |
+|---|---|---|---|
+| text_input | STRING [1] | – | the prompt text (or give input_ids) |
+| input_ids | INT32 [-1] | – | the prompt as token ids |
+| max_tokens | INT32 [1] | parameter default_max_tokens | new tokens to generate, 1 .. max_tokens_limit |
+| mode | STRING [1] | parameter default_mode | ar, diffusion or spec |
+| block_length | INT32 [1] | checkpoint block_size | diffusion / spec block length |
+| threshold | FP32 [1] | diffusion 0.9, spec 0.0 | confidence threshold |
+| temperature | FP32 [1] | 0 | 0 = greedy |
+| top_p | FP32 [1] | 1 | nucleus filter |
+| top_k | INT32 [1] | 0 | 0 = off |
+| seed | INT64 [1] | random | sampling seed |
+| stop | STRING [-1] | – | stop strings (output ends after the first match, the match included) |
+| stream | BOOL [1] | true | false: one response with the whole text |
+| command | STRING [1] | – | "stats": answer with the health snapshot instead of generating |
+
+Outputs: ``text_output`` (STRING [1]: the text increment, or the whole text when not streaming),
+``output_ids`` (INT32 [-1]: the token increment), ``finish_reason`` (STRING [1]: "" until the last response,
+then stop | length | cancelled), ``counters`` (STRING [1]: JSON, last response only: forwards by kind, tokens
+per forward, accepted lengths, queue time, time to first token, ...). Errors (bad request, queue full, KV
+exhausted) arrive as an error response, which ends that request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:  # present only inside the Triton Python backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - imported outside Triton (tests of the parsing code)
+    pb_utils = None
+
+from .request import ARConfig, DiffusionConfig, GenerationRequest, GenerationResult, Mode, RequestError, SpecConfig
+from .sampling import SamplingParams
+from .tokenizer import StreamDecoder
+
+MODES = tuple(m.value for m in Mode)
+INPUTS = ("text_input", "input_ids", "max_tokens", "mode", "block_length", "threshold", "temperature", "top_p",
+          "top_k", "seed", "stop", "stream", "command")
+
+# parameter name -> (default, parser); the repository generator writes the same names.
+PARAMETERS = {
+    "model_dir": ("", str),
+    "dtype": ("", str),
+    "executor": ("torch", str),
+    "num_pages": ("512", int),
+    "page_size": ("16", int),
+    "max_concurrent_requests": ("64", int),
+    "max_queued_requests": ("1024", int),
+    "kv_admission": ("reserve", str),
+    "max_tokens_limit": ("4096", int),
+    "default_max_tokens": ("64", int),
+    "default_mode": ("spec", str),
+    "torch_threads": ("0", int),
+    "cancel_poll_ms": ("50", int),
+}
+
+
+def parse_parameters(raw: dict[str, str]) -> dict:
+    out = {}
+    for name, (default, kind) in PARAMETERS.items():
+        text = raw.get(name, default)
+        try:
+            out[name] = kind(text)
+        except ValueError:
+            raise ValueError(f"config.pbtxt parameter {name} must be {kind.__name__}, got {text!r}") from None
+    unknown = sorted(set(raw) - set(PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown config.pbtxt parameters {unknown}; known: {sorted(PARAMETERS)}")
+    return out
+
+
+# ---- request parsing (pure: numpy arrays in, a GenerationRequest out) -------------------------------------
+
+@dataclass
+class ParsedRequest:
+    request: GenerationRequest | None
+    mode: str
+    stream: bool
+    stop_strings: tuple[str, ...]
+    command: str | None = None
+
+
+def _scalar(inputs: dict, name: str, kind: str):
+    arr = inputs.get(name)
+    if arr is None:
+        return None
+    arr = np.asarray(arr)
+    if arr.size != 1:
+        raise RequestError(f"{name} must hold exactly one value, got shape {list(arr.shape)}")
+    value = arr.reshape(-1)[0]
+    if kind == "str":
+        return _text(value, name)
+    if kind == "int":
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise RequestError(f"{name} must be an integer tensor, got dtype {arr.dtype}")
+        return int(value)
+    if kind == "float":
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise RequestError(f"{name} must be a number tensor, got dtype {arr.dtype}")
+        return float(value)
+    if kind == "bool":
+        if arr.dtype != np.bool_:
+            raise RequestError(f"{name} must be a BOOL tensor, got dtype {arr.dtype}")
+        return bool(value)
+    raise AssertionError(kind)
+
+
+def _text(value, name: str) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"{name} is not valid UTF-8") from None
+    if isinstance(value, str):
+        return value
+    raise RequestError(f"{name} must be a STRING (BYTES) tensor, got {type(value).__name__}")
+
+
+def parse_request(inputs: dict, lm, params: dict) -> ParsedRequest:
+    """Turn a request's input tensors into a validated ``GenerationRequest``; ``RequestError``/``SamplingError``
+    (both ``ValueError``) name the offending input otherwise."""
+    unknown = sorted(set(inputs) - set(INPUTS))
+    if unknown:
+        raise RequestError(f"unknown inputs {unknown}; known: {list(INPUTS)}")
+    command = _scalar(inputs, "command", "str")
+    if command is not None:
+        if command != "stats":
+            raise RequestError(f"unknown command {command!r}: the only command is 'stats'")
+        return ParsedRequest(None, "", False, (), command)
+
+    text, ids = inputs.get("text_input"), inputs.get("input_ids")
+    if text is None and ids is None:
+        raise RequestError("missing input: one of text_input or input_ids is required")
+    if text is not None and ids is not None:
+        raise RequestError("give either text_input or input_ids, not both")
+    if text is not None:
+        prompt = _scalar(inputs, "text_input", "str")
+        if not prompt.strip():
+            raise RequestError("text_input is empty: the prompt needs at least one token")
+        if lm.tokenizer is None:
+            raise RequestError("this model has no tokenizer: send input_ids instead of text_input")
+        prompt_ids = lm.encode(prompt)
+        if not prompt_ids:
+            raise RequestError("text_input encodes to no tokens: the prompt needs at least one token")
+    else:
+        arr = np.asarray(ids)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise RequestError(f"input_ids must be an integer tensor, got dtype {arr.dtype}")
+        if arr.size == 0:
+            raise RequestError("input_ids is empty: the prompt needs at least one token")
+        prompt_ids = lm.encode(arr.reshape(-1).tolist())
+
+    max_tokens = _scalar(inputs, "max_tokens", "int")
+    if max_tokens is None:
+        max_tokens = params["default_max_tokens"]
+    if max_tokens < 1:
+        raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens}")
+    if max_tokens > params["max_tokens_limit"]:
+        raise RequestError(f"max_tokens {max_tokens} exceeds this server's limit of {params['max_tokens_limit']} "
+                           f"(parameter max_tokens_limit)")
+
+    mode = _scalar(inputs, "mode", "str")
+    mode = params["default_mode"] if mode is None else mode
+    if mode not in MODES:
+        raise RequestError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
+    block = _scalar(inputs, "block_length", "int")
+    block = lm.config.block_size if block is None else block
+    threshold = _scalar(inputs, "threshold", "float")
+    if mode == "ar":
+        mode_cfg = ARConfig()
+    elif mode == "diffusion":
+        mode_cfg = DiffusionConfig(block, "threshold", 0.9 if threshold is None else threshold)
+    else:
+        mode_cfg = SpecConfig(block, 0.0 if threshold is None else threshold)
+
+    temperature = _scalar(inputs, "temperature", "float")
+    top_p = _scalar(inputs, "top_p", "float")
+    top_k = _scalar(inputs, "top_k", "int")
+    seed = _scalar(inputs, "seed", "int")
+    sampling = SamplingParams(0.0 if temperature is None else temperature, 0 if top_k is None else top_k,
+                              1.0 if top_p is None else top_p, seed)
+
+    stop_strings: list[str] = []
+    stop_ids: set[int] = set()
+    if inputs.get("stop") is not None:
+        for value in np.asarray(inputs["stop"]).reshape(-1):
+            s = _text(value, "stop")
+            if not s:
+                raise RequestError("stop strings must not be empty")
+            if lm.tokenizer is None:
+                raise RequestError("stop strings need a tokenizer; this model has none")
+            ids_ = lm.tokenizer.encode(s)
+            if len(ids_) == 1 and lm.tokenizer.decode(ids_) == s:
+                stop_ids.add(ids_[0])           # a single token: the engine stops on it exactly
+            else:
+                stop_strings.append(s)          # matched on the decoded text
+    stream = _scalar(inputs, "stream", "bool")
+    request = GenerationRequest(tuple(prompt_ids), max_tokens, mode_cfg, sampling,
+                                frozenset(lm.config.eos_token_ids) | frozenset(stop_ids))
+    return ParsedRequest(request, mode, True if stream is None else stream, tuple(stop_strings))
+
+
+# ---- streaming one request back ---------------------------------------------------------------------------
+
+class StreamAssembler:
+    """Per-request output state: text increments (UTF-8 safe), stop strings, what has been sent."""
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...] = ()) -> None:
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self.stop_strings = stop_strings
+        self.text, self.ids = "", []
+        self.sent_chars = self.sent_ids = 0
+        self.stopped = False
+
+    def push(self, ids: list[int]) -> bool:
+        """Add accepted tokens; False once a stop string has matched (the rest is dropped)."""
+        if self.stopped:
+            return False
+        if self.decoder is None:
+            self.ids.extend(ids)
+            return True
+        if not self.stop_strings:
+            self.ids.extend(ids)
+            self.text += self.decoder.push(ids)
+            return True
+        longest = max(len(s) for s in self.stop_strings)
+        for t in ids:
+            start = max(0, len(self.text) - longest + 1)
+            self.ids.append(t)
+            self.text += self.decoder.push([t])
+            hits = [(i, s) for s in self.stop_strings if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                i, s = min(hits)
+                self.text = self.text[:i + len(s)]
+                self.stopped = True
+                return False
+        return True
+
+    def take(self) -> tuple[str, list[int]]:
+        """The text and ids not sent yet."""
+        text, ids = self.text[self.sent_chars:], self.ids[self.sent_ids:]
+        self.sent_chars, self.sent_ids = len(self.text), len(self.ids)
+        return text, ids
+
+
+def result_counters(result: GenerationResult, timing: dict, mode: str, num_ids: int) -> dict:
+    counters = result.counters() if result.request_id >= 0 else {"finish_reason": result.finish_reason}
+    counters.update(mode=mode, prompt_tokens=len(result.prompt_ids), output_tokens=num_ids, **timing)
+    return counters
+
+
+class TritonSink:
+    """Sends one request's responses through its decoupled response sender (from the engine loop thread)."""
+
+    def __init__(self, request, sender, parsed: ParsedRequest, tokenizer) -> None:
+        self.request, self.sender, self.parsed = request, sender, parsed
+        self.out = StreamAssembler(tokenizer, parsed.stop_strings)
+        self.broken = False
+
+    def _send(self, text: str, ids: list[int], finish_reason: str, counters: str, final: bool) -> None:
+        tensors = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+                   pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int32)),
+                   pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
+                   pb_utils.Tensor("counters", np.array([counters.encode()], dtype=np.object_))]
+        response = pb_utils.InferenceResponse(output_tensors=tensors)
+        try:
+            if final:
+                self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                self.sender.send(response)
+        except Exception:
+            self.broken = True
+            if final:  # the request must still be completed, or the server keeps it (and the model) alive
+                _close_quietly(self.sender)
+            raise
+
+    def on_tokens(self, ids: list[int]) -> bool:
+        keep_going = self.out.push(ids)
+        if self.parsed.stream:
+            text, new_ids = self.out.take()
+            if new_ids:
+                self._send(text, new_ids, "", "", final=False)
+        return keep_going
+
+    def on_finish(self, result: GenerationResult, timing: dict) -> None:
+        text, ids = self.out.take()
+        counters = result_counters(result, timing, self.parsed.mode, len(self.out.ids))
+        self._send(text, ids, result.finish_reason or "", json.dumps(counters), final=True)
+
+    def on_error(self, message: str) -> None:
+        send_error(self.sender, message)
+
+    def is_cancelled(self) -> bool:
+        if self.broken:
+            return True
+        return bool(self.request.is_cancelled())  # one IPC round trip to the server
+
+
+def _log_warn(message: str) -> None:
+    try:
+        pb_utils.Logger.log_warn(message)
+    except Exception:
+        print(message, flush=True)
+
+
+def send_error(sender, message: str) -> None:
+    try:
+        sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    except Exception:
+        _close_quietly(sender)
+        raise
+
+
+def _close_quietly(sender) -> None:
+    try:
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    except Exception:
+        pass
+
+
+def request_inputs(request) -> dict:
+    out = {}
+    for name in INPUTS:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            out[name] = tensor.as_numpy()
+    return out
+
+
+# ---- the model ------------------------------------------------------------------------------------------
+
+_METRICS = {
+    "trimode_kv_pages_total": ("num_pages", "KV cache pages in the pool"),
+    "trimode_kv_pages_used": ("pages_used", "KV cache pages held by sequences"),
+    "trimode_kv_pages_reserved": ("pages_reserved", "KV pages reserved for admitted requests' worst case"),
+    "trimode_requests_running": ("requests_running", "requests in the running batch"),
+    "trimode_requests_waiting": ("requests_waiting", "requests queued for admission"),
+    "trimode_requests_in_flight": ("requests_in_flight", "requests accepted and not finished"),
+    "trimode_requests_completed": ("completed", "requests finished normally (stop or length)"),
+    "trimode_requests_cancelled": ("cancelled", "requests cancelled (client gone)"),
+    "trimode_requests_failed": ("errors", "requests failed while running (e.g. KV exhausted)"),
+    "trimode_requests_rejected": ("rejected", "requests rejected before running"),
+    "trimode_generated_tokens": ("tokens", "tokens generated"),
+    "trimode_engine_steps": ("steps", "engine steps (forwards)"),
+}
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        from .api import TriModeLM
+        from .service import EngineService
+
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise ValueError("the trimode model must use the decoupled transaction policy (streaming)")
+        raw = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.params = p = parse_parameters(raw)
+        if not p["model_dir"]:
+            raise ValueError("config.pbtxt parameter model_dir is required")
+        model_dir = Path(p["model_dir"])
+        if not model_dir.is_absolute():  # relative to the model's version folder (a self-contained repository)
+            model_dir = Path(args["model_repository"]) / args["model_version"] / model_dir
+        if p["torch_threads"] > 0:
+            import torch
+            torch.set_num_threads(p["torch_threads"])
+        self.lm = TriModeLM.from_pretrained(model_dir, dtype=p["dtype"] or None, num_pages=p["num_pages"],
+                                            page_size=p["page_size"], max_batch_size=p["max_concurrent_requests"],
+                                            executor=p["executor"])
+        self.model_name = args.get("model_name", "trimode")
+        self.instance_name = args.get("model_instance_name", self.model_name)
+        self._metrics = self._make_metrics()
+        self._last_metrics = 0.0
+        self.service = EngineService(self.lm, max_queued=p["max_queued_requests"], admission=p["kv_admission"],
+                                     cancel_poll_s=p["cancel_poll_ms"] / 1000.0, on_stats=self._on_stats)
+
+    def _make_metrics(self) -> dict:
+        try:
+            metrics = {}
+            self._metric_families = []  # a family must outlive its metrics
+            for name, (key, help_text) in _METRICS.items():
+                family = pb_utils.MetricFamily(name=name, description=help_text, kind=pb_utils.MetricFamily.GAUGE)
+                self._metric_families.append(family)
+                metrics[key] = family.Metric(labels={"model": self.model_name, "instance": self.instance_name})
+            return metrics
+        except Exception as e:  # metrics disabled on this server: the stats command still works
+            _log_warn(f"trimode: custom metrics unavailable ({type(e).__name__}: {e}); the stats command still works")
+            return {}
+
+    def _on_stats(self, stats: dict) -> None:
+        now = time.perf_counter()
+        if not self._metrics or (now - self._last_metrics < 0.05 and stats["requests_in_flight"]):
+            return
+        self._last_metrics = now
+        for key, metric in self._metrics.items():
+            metric.set(float(stats[key]))
+
+    def execute(self, requests) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed = parse_request(request_inputs(request), self.lm, self.params)
+            except ValueError as e:  # RequestError, SamplingError: the message names the input
+                send_error(sender, str(e))
+                continue
+            except Exception as e:  # never let one request take the model down
+                send_error(sender, f"internal error while reading the request: {type(e).__name__}: {e}")
+                continue
+            if parsed.command == "stats":
+                stats = {**self.service.stats(), "model": self.model_name, "pid": os.getpid()}
+                tensors = [pb_utils.Tensor("text_output", np.array([b""], dtype=np.object_)),
+                           pb_utils.Tensor("output_ids", np.zeros(0, dtype=np.int32)),
+                           pb_utils.Tensor("finish_reason", np.array([b"stats"], dtype=np.object_)),
+                           pb_utils.Tensor("counters", np.array([json.dumps(stats).encode()], dtype=np.object_))]
+                sender.send(pb_utils.InferenceResponse(output_tensors=tensors),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            try:
+                self.service.submit(parsed.request, TritonSink(request, sender, parsed, self.lm.tokenizer))
+            except Exception as e:
+                send_error(sender, str(e))
+        return None
+
+    def finalize(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.close(timeout=5)
+

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
-from .model import LoraAdapter, NLDModel
+from .model import LoraAdapter, NLDModel, on_meta_device
 from .tokenizer import Tokenizer, TokenizerError, word_level_tokenizer
 
 SINGLE_FILE = "model.safetensors"
@@ -171,7 +171,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch_dtype(cfg.torch_dtype)
     tensors = read_safetensors(_weight_files(path))
-    with torch.device("meta"):  # no random init of weights that are overwritten next
+    with on_meta_device():  # no random init of weights that are overwritten next
         model = NLDModel(cfg)
     model = model.to_empty(device="cpu")
     _check_and_load(model, tensors, path)

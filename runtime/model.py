@@ -10,7 +10,8 @@ tokens whose ``lora_mask`` is 1 (draft passes).
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,28 @@ class NLDModel(nn.Module):
             return out.transpose(1, 2)
 
         return self.logits(self.forward_hidden(input_ids, positions, attend, lora_mask))
+
+
+_INITIALIZERS = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "trunc_normal_", "zeros_", "ones_")
+
+
+@contextmanager
+def on_meta_device() -> Iterator[None]:
+    """Build modules on the meta device with their initializers skipped (weights are loaded next).
+
+    Plain ``with torch.device("meta")`` runs every initializer on meta tensors, whose Python kernels import
+    torch._dynamo: seconds of start-up per process for nothing. Not thread-safe (it swaps torch.nn.init
+    functions for the duration); used only while loading a model.
+    """
+    saved = {name: getattr(nn.init, name) for name in _INITIALIZERS}
+    for name in _INITIALIZERS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def rope_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [head_dim/2] (fp32) and the attention factor that multiplies cos/sin."""
     base = rope.rope_theta
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim
     pos_freqs = base ** exponents
     if rope.rope_type == "default":
         return (1.0 / pos_freqs).float(), 1.0
@@ -36,7 +36,7 @@ def rope_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, flo
     high = min(math.ceil(correction_dim(rope.beta_slow)), head_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1.0 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
     return inv_freq.float(), attention_factor

@@ -40,7 +40,7 @@ from .config import ModelConfig
 from .distributed import TensorParallelConfigError, TensorParallelError, TPComm
 from .executor import Executor, make_executor
 from .kv_cache import PagedKVCache
-from .model import LoraAdapter, NLDModel
+from .model import LoraAdapter, NLDModel, on_meta_device
 from .passes import PassKind, SeqPass
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def load_sharded_model(path: str | Path, comm: TPComm, dtype: str | torch.dtype 
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch_dtype(cfg.torch_dtype)
     dtype = torch_dtype(dtype)
-    with torch.device("meta"):
+    with on_meta_device():
         full_shapes = {k: tuple(v.shape) for k, v in NLDModel(cfg).base_state_dict().items()}
         model = TensorParallelNLDModel(cfg, comm)
 

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Decoding benchmark: every mode on fixed-seed prompt sets, in one run, with one runtime.
+
+Prompt sets (from the King James Bible corpus of the shipped model, scripts/kjv_corpus.py):
+  free        the opening verses of held-out chapters (never seen in training);
+  structured  passages whose continuation is predictable: genealogies, refrains, well-known openings.
+Modes: AR; diffusion at tau in {0.7, 0.9}; spec with and without the LoRA drafter; block 8 / 16 / 32;
+batch 1 and 4. For each: tokens per forward, mean accepted length per verify, tokens/s, speed-up over AR
+measured in the same run (same set, same batch), and the distinct-4-gram ratio of the output.
+Writes results.json and a PNG plot into --out; the last stdout line is the JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+STRUCTURED_CHAPTERS = ["Genesis 5", "Genesis 11", "Numbers 7", "Numbers 29", "1 Chronicles 1", "Psalms 136",
+                       "Matthew 1", "Genesis 1"]
+
+
+def prompt_sets(num_prompts: int, prompt_verses: int, seed: int) -> dict[str, list[str]]:
+    import kjv_corpus
+
+    train, heldout = kjv_corpus.load_splits()
+    held = kjv_corpus.documents(heldout)
+    rng = random.Random(seed)
+    free = [_opening(doc, prompt_verses) for doc in rng.sample(held, min(num_prompts, len(held)))]
+    by_title = {doc.split("\n", 1)[0]: doc for doc in kjv_corpus.documents(train) + held}
+    structured = [_opening(by_title[t], prompt_verses) for t in STRUCTURED_CHAPTERS if t in by_title]
+    return {"free": free, "structured": structured[:num_prompts]}
+
+
+def _opening(doc: str, verses: int) -> str:
+    """The chapter header, its first ``verses`` verses, and the next verse number (the model continues)."""
+    lines = doc.strip("\n").split("\n")
+    head = lines[:1 + verses]
+    return "\n".join(head) + f"\n{verses + 1}"
+
+
+def distinct_4grams(tokens: list[int]) -> float:
+    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def configurations(blocks: list[int]):
+    from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
+
+    yield "ar", {}, ARConfig()
+    for block in blocks:
+        for tau in (0.7, 0.9):
+            yield "diffusion", {"block": block, "tau": tau}, DiffusionConfig(block, threshold=tau)
+        for lora in (True, False):
+            yield "spec", {"block": block, "lora": lora}, SpecConfig(block, use_lora=lora)
+
+
+def run_one(lm, prompts: list[str], mode, batch: int, max_new_tokens: int, repeats: int) -> dict:
+    """Greedy, so every repeat produces the same tokens; the time is the median over repeats."""
+    times = []
+    for _ in range(repeats):
+        results, elapsed = [], 0.0
+        for i in range(0, len(prompts), batch):
+            requests = [lm.request(p, max_new_tokens, mode) for p in prompts[i:i + batch]]
+            start = time.perf_counter()
+            results += lm.run(requests)
+            elapsed += time.perf_counter() - start
+        times.append(elapsed)
+    elapsed = sorted(times)[len(times) // 2]
+    tokens = sum(len(r.token_ids) for r in results)
+    forwards = sum(r.num_forwards for r in results)
+    accepted = [n for r in results for n in r.accepted_lengths]
+    return {"num_tokens": tokens, "num_forwards": forwards, "tokens_per_forward": tokens / forwards,
+            "mean_accepted_length": sum(accepted) / len(accepted) if accepted else None,
+            "tokens_per_s": tokens / elapsed, "wall_s": elapsed,
+            "distinct_4gram": sum(distinct_4grams(r.token_ids) for r in results) / len(results),
+            "sample": results[0].text}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 8), sharex=True)
+    labels = sorted({r["label"] for r in rows}, key=[r["label"] for r in rows].index)
+    for col, batch in enumerate((1, 4)):
+        for row, metric in enumerate(("tokens_per_forward", "speedup_vs_ar")):
+            ax = axes[row][col]
+            for k, name in enumerate(("free", "structured")):
+                values = {r["label"]: r[metric] for r in rows if r["batch"] == batch and r["set"] == name}
+                xs = [i + (k - 0.5) * 0.4 for i in range(len(labels))]
+                ax.bar(xs, [values.get(lbl, 0) for lbl in labels], width=0.4, label=name)
+            ax.set_title(f"{metric.replace('_', ' ')}, batch {batch}")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.legend()
+    for ax in axes[1]:
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "models" / "tiny-kjv"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
+    ap.add_argument("--executor", choices=["torch"], default="torch")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--prompt-verses", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
+    args = ap.parse_args()
+
+    import torch
+
+    from trimode.runtime.api import TriModeLM
+
+    torch.set_num_threads(args.threads)
+    lm = TriModeLM.from_pretrained(args.model, executor=args.executor)
+    sets = prompt_sets(args.num_prompts, args.prompt_verses, args.seed)
+    for mode in (c for _, _, c in configurations(args.blocks[:1])):  # warm-up every code path
+        lm.run([lm.request(sets["free"][0], 16, mode)])
+    rows = []
+    for set_name, prompts in sets.items():
+        for batch in args.batches:
+            ar_tps = None
+            for mode_name, params, mode in configurations(args.blocks):
+                m = run_one(lm, prompts, mode, batch, args.max_new_tokens, args.repeats)
+                ar_tps = ar_tps or m["tokens_per_s"]
+                label = mode_name + "".join(f" {k}={v}" for k, v in params.items())
+                row = {"set": set_name, "batch": batch, "mode": mode_name, **params, "label": label, **m,
+                       "speedup_vs_ar": m["tokens_per_s"] / ar_tps}
+                rows.append(row)
+                acc = row["mean_accepted_length"]
+                print(f"{set_name:10s} b={batch} {label:28s} tok/fwd {m['tokens_per_forward']:5.2f}  "
+                      f"acc {acc if acc is None else round(acc, 2)!s:5s} tok/s {m['tokens_per_s']:7.1f}  "
+                      f"x{row['speedup_vs_ar']:4.2f}  distinct4 {m['distinct_4gram']:.2f}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": Path(args.model).name, "executor": args.executor, "machine": platform.processor() or
+            platform.machine(), "threads": args.threads, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "command": " ".join(["scripts/bench.py", *sys.argv[1:]]), "max_new_tokens": args.max_new_tokens,
+            "repeats": args.repeats,
+            "num_prompts": {k: len(v) for k, v in sets.items()}}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    plot(rows, out / "bench.png")
+    summary = {"meta": meta, "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                                       if k != "sample"} for r in rows]}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

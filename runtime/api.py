@@ -46,6 +46,13 @@ class TriModeLM:
         model = load_model(path, dtype=dtype, device=device)
         return cls(model, load_tokenizer(path, model.config), **kwargs)
 
+    @classmethod
+    def from_engine(cls, path: str | Path, executor: str = "onnxruntime", **kwargs) -> "TriModeLM":
+        """A runtime over an engine directory (scripts/build_engine.py); the manifest is checked first."""
+        from .engine_dir import open_engine
+
+        return open_engine(path, executor=executor, **kwargs)
+
     # ---- prompts and requests -------------------------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[int]) -> tuple[int, ...]:

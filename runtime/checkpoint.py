@@ -167,6 +167,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory")
+    if (path / "hf_quant_config.json").is_file():  # ModelOpt unified checkpoint (build/quantize.py)
+        from ..build.quantized_loader import load_quantized_model
+
+        return load_quantized_model(path, dtype=dtype, device=device, load_adapter=load_adapter)
     cfg = load_config(path)
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch_dtype(cfg.torch_dtype)

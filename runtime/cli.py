@@ -1,6 +1,7 @@
 """The ``trimode`` command line.
 
     trimode generate --model DIR --mode {ar,diffusion,spec} [options] PROMPT
+    trimode generate --engine DIR [--executor onnxruntime|torch] ...   (an engine directory)
     trimode triton-repo --model DIR --out REPO      (runtime/serving.py)
     trimode serve --repo REPO | --model DIR         (runtime/serving.py)
 
@@ -61,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
+    src.add_argument("--engine", help="engine directory (scripts/build_engine.py --out); its manifest is checked first")
+    g.add_argument("--executor", choices=["onnxruntime", "torch"], default="onnxruntime",
+                   help="with --engine: the reference graphs (onnxruntime) or the engine's checkpoint (torch)")
     g.add_argument("--mode", choices=MODES, default="spec", help="decoding mode (default: spec)")
     g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
     g.add_argument("--block-length", type=_positive_int("--block-length"), default=None,
@@ -108,6 +113,14 @@ def generate(args: argparse.Namespace, lm=None) -> int:
     from .checkpoint import CheckpointError
     from .tokenizer import StreamDecoder
 
+    if lm is None and args.engine:
+        from .engine_dir import EngineDirError, open_engine
+
+        try:
+            lm = open_engine(args.engine, executor=args.executor)
+        except (EngineDirError, CheckpointError) as e:
+            print(f"trimode: error: --engine: {e}", file=sys.stderr)
+            return 2
     if lm is None:
         try:
             lm = TriModeLM.from_pretrained(args.model, dtype=args.dtype)
@@ -115,7 +128,8 @@ def generate(args: argparse.Namespace, lm=None) -> int:
             print(f"trimode: error: --model: {e}", file=sys.stderr)
             return 2
     if lm.tokenizer is None:
-        print(f"trimode: error: --model: {args.model} has no tokenizer.json; text prompts need one", file=sys.stderr)
+        print(f"trimode: error: {args.engine or args.model} has no tokenizer.json; text prompts need one",
+              file=sys.stderr)
         return 2
     request = lm.request(args.prompt, args.max_new_tokens, _mode_config(args, lm.config.block_size),
                          temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p, seed=args.seed)

@@ -121,7 +121,7 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
     args = ap.parse_args()
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=str(ROOT / "models" / "tiny-kjv"), help="checkpoint directory")
-    ap.add_argument("--prompt", default="1:1 In the beginning God created the heaven and the earth.\n1:2")
+    ap.add_argument("--prompt", default="Genesis 1\n1 In the beginning God created the heaven and the earth.\n2")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=16)
     args = ap.parse_args()

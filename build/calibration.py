@@ -1,0 +1,109 @@
+"""Calibration data and the calibration forward loop.
+
+Samples are windows of ``seq_len`` tokens cut from a text (a file, a string, or the held-out text a checkpoint
+ships as ``heldout.txt`` / ``calibration.txt``), spread evenly over it. Each sample is run twice, the two ways
+the model is used: causally (AR, prefill, verify, commit) and with its last ``block_size`` tokens as a draft
+block ([seed, MASK, ...], block-bidirectional, the drafter LoRA on), so activation ranges cover every kind.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.model import NLDModel
+from ..runtime.tokenizer import Tokenizer
+
+DEFAULT_TEXT_FILES = ("calibration.txt", "heldout.txt")
+
+
+class CalibrationError(ValueError):
+    """No usable calibration text, with what to pass instead."""
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    samples: list[torch.Tensor]  # each [seq_len] int64
+    source: str  # a file name or "text"; never an absolute path
+    num_text_tokens: int
+
+
+def find_default_text(model_dir: str | Path) -> Path | None:
+    for name in DEFAULT_TEXT_FILES:
+        if (Path(model_dir) / name).is_file():
+            return Path(model_dir) / name
+    return None
+
+
+def calibration_set(tokenizer: Tokenizer | None, text: str, source: str, num_samples: int,
+                    seq_len: int) -> CalibrationSet:
+    """``num_samples`` windows of ``seq_len`` tokens spread evenly over ``text`` (overlapping if it is short)."""
+    if tokenizer is None:
+        raise CalibrationError("the checkpoint has no tokenizer.json: calibration text cannot be tokenized")
+    if num_samples < 1 or seq_len < 2:
+        raise CalibrationError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    if len(ids) < seq_len:
+        raise CalibrationError(f"calibration text ({source}) has {len(ids)} tokens, fewer than one sample of "
+                               f"{seq_len}: pass a longer text or a smaller --calib-seq-len")
+    last = len(ids) - seq_len
+    starts = [round(i * last / max(num_samples - 1, 1)) for i in range(num_samples)]
+    return CalibrationSet([ids[s:s + seq_len] for s in starts], source, len(ids))
+
+
+def block_allowed(seq_len: int, block: int) -> torch.Tensor:
+    """[S, S] mask of a diffusion block: a causal prefix of S - block tokens, and a last block that sees the
+    whole prefix and the whole block."""
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    allowed[seq_len - block:, seq_len - block:] = True
+    return allowed
+
+
+def calibration_forward(model: NLDModel, ids: torch.Tensor, allowed: torch.Tensor,
+                        lora_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A dense forward whose attention also feeds the K/V quantizers (``k_bmm_quantizer`` / ``v_bmm_quantizer``
+    attached to each layer's ``self_attn`` for an FP8 KV cache), so they see the K/V the cache would hold."""
+    positions = torch.arange(ids.shape[-1])[None]
+    mask = allowed[None, None]
+    layers = model.encoder.layers
+
+    def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        attn = layers[i].self_attn
+        if getattr(attn, "k_bmm_quantizer", None) is not None:
+            k, v = attn.k_bmm_quantizer(k), attn.v_bmm_quantizer(v)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, scale=model.config.softmax_scale, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    hidden = model.forward_hidden(ids[None], positions, attend, None if lora_mask is None else lora_mask[None])
+    return model.logits(hidden)
+
+
+def make_forward_loop(calib: CalibrationSet, progress: bool = True) -> Callable[[NLDModel], None]:
+    """The ``forward_loop`` ModelOpt calls (possibly several times, e.g. AWQ's search): every sample causally
+    and as a masked diffusion block."""
+    from tqdm import tqdm
+
+    def loop(model: NLDModel) -> None:
+        cfg = model.config
+        block = min(cfg.block_size, len(calib.samples[0]) - 1)
+        seq_len = len(calib.samples[0])
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+        diffusion = block_allowed(seq_len, block)
+        lora_mask = torch.zeros(seq_len, dtype=torch.bool)
+        lora_mask[seq_len - block:] = True
+        bar = tqdm(calib.samples, desc="calibration", unit="sample", file=sys.stderr, disable=not progress,
+                   dynamic_ncols=True)
+        with torch.no_grad():
+            for ids in bar:
+                calibration_forward(model, ids, causal)
+                masked = ids.clone()
+                masked[seq_len - block + 1:] = cfg.mask_token_id  # a draft block: [seed, MASK, ...]
+                calibration_forward(model, masked, diffusion, lora_mask if model.lora is not None else None)
+
+    return loop

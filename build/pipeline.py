@@ -1,0 +1,272 @@
+"""The engine build: checkpoint -> (quantized checkpoint) -> ONNX graphs -> (TensorRT engines) -> manifest.
+
+Everything is written into a temporary sibling of the output directory (``.<name>.partial-<pid>``); the
+manifest is written last and the directory is then renamed into place, so a build killed at any point
+(SIGKILL included) leaves nothing at ``--out`` that the runtime accepts. ``--from-onnx DIR`` adds the
+TensorRT engines to a finished ONNX-stage directory on a GPU host: engines go to ``trt.partial-<pid>/``,
+are renamed to ``trt/``, and the manifest is replaced atomically last.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import __version__
+from ..runtime.checkpoint import CheckpointError, load_config
+from ..runtime.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineDirError, check_engine_dir,
+                                  checkpoint_hash, file_entries, read_manifest, write_manifest)
+from .engine_kinds import ENGINE_KINDS, MODE_KINDS, ModeError, kinds_for_modes
+from .onnx_export import export_graphs
+from .plugin_ops import PLUGIN_NAMESPACE, plugin_versions
+from .recipes import RECIPES, get_recipe
+from .trt_compile import LAYOUTS, TARGET_ARCH, build_engines, tensorrt_status
+
+TARGETS = tuple(TARGET_ARCH)
+TOOLS = ("torch", "onnx", "onnxruntime", "onnxruntime-extensions", "nvidia-modelopt", "transformers", "tensorrt",
+         "triton", "safetensors", "tokenizers")
+
+
+class BuildError(RuntimeError):
+    """A build that cannot proceed; the message is one line saying why and what to do."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: Path
+    out: Path
+    recipe: str | None = None  # None: w4a16 for --target spark, else none
+    modes: tuple[str, ...] = ("ar", "diffusion", "spec")
+    block_length: int = 32
+    max_batch: int = 8
+    max_seq: int = 4096
+    page_size: int = 16
+    target: str = "hopper"
+    layout: str = "shared"
+    calib_file: Path | None = None
+    calib_text: str | None = None
+    calib_samples: int = 32
+    calib_seq_len: int = 256
+    quantize_head: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("block_length", "max_batch", "max_seq", "page_size", "calib_samples", "calib_seq_len"):
+            if int(getattr(self, name)) < 1:
+                raise BuildError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.target not in TARGETS:
+            raise BuildError(f"unknown --target {self.target!r}; choose from: {', '.join(TARGETS)}")
+        if self.layout not in LAYOUTS:
+            raise BuildError(f"unknown TensorRT layout {self.layout!r}; choose from: {', '.join(LAYOUTS)}")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise BuildError(f"unknown recipe {self.recipe!r} (--quant); choose from: {', '.join(RECIPES)}")
+        if self.target == "spark" and self.recipe not in (None, "w4a16"):
+            raise BuildError(f"--target spark builds w4a16 engines (128 GB unified memory); got --quant {self.recipe}")
+        try:
+            kinds_for_modes(self.modes)
+        except ModeError as e:
+            raise BuildError(f"--modes: {e}") from None
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or ("w4a16" if self.target == "spark" else "none")
+
+
+def tool_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "trimode": __version__}
+    for name in TOOLS:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def check_model_dir(model: Path) -> None:
+    """One-line errors for a wrong --model: missing, not a checkpoint, not an NLD checkpoint."""
+    if not model.exists():
+        raise BuildError(f"--model {model}: no such directory")
+    if not model.is_dir():
+        raise BuildError(f"--model {model}: not a directory (pass the checkpoint folder holding config.json)")
+    if not (model / "config.json").is_file():
+        raise BuildError(f"--model {model}: no config.json here; not a Hugging Face checkpoint directory")
+    try:
+        load_config(model)
+    except CheckpointError as e:
+        raise BuildError(f"--model {model}: not an NLD checkpoint: {e}") from None
+    if not any(model.glob("*.safetensors")):
+        raise BuildError(f"--model {model}: no *.safetensors weights")
+
+
+def build_key(opts: BuildOptions, model_hash: str) -> dict[str, Any]:
+    """What makes two builds the same build (an existing --out with the same key is up to date)."""
+    return {"model_hash": model_hash, "recipe": opts.recipe_name, "modes": sorted(opts.modes),
+            "block_length": opts.block_length, "max_batch": opts.max_batch, "max_seq": opts.max_seq,
+            "page_size": opts.page_size, "target": opts.target, "layout": opts.layout,
+            "calibration": None if not get_recipe(opts.recipe_name).quantizes else
+            [opts.calib_file.name if opts.calib_file else None, opts.calib_text, opts.calib_samples,
+             opts.calib_seq_len, opts.quantize_head]}
+
+
+def _remove_stale_partials(out: Path) -> None:
+    for tmp in out.parent.glob(f".{out.name}.partial-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        alive = pid.isdigit() and _pid_alive(int(pid))
+        if not alive:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the build; returns the manifest. Raises ``BuildError`` (one line) for bad inputs."""
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_model_dir(opts.model)
+    recipe = get_recipe(opts.recipe_name)
+    kinds = kinds_for_modes(opts.modes)
+    t0 = time.perf_counter()
+    say(f"[1/5] hashing {opts.model.name}/")
+    model_hash = checkpoint_hash(opts.model)
+    key = build_key(opts, model_hash)
+    if opts.out.exists():
+        try:
+            existing = read_manifest(opts.out)
+        except EngineDirError:
+            if any(opts.out.iterdir()):
+                raise BuildError(f"--out {opts.out} exists and is not an engine directory (no valid manifest.json); "
+                                 f"refusing to overwrite it") from None
+            opts.out.rmdir()
+        else:
+            if existing.get("build_key") == key:
+                say(f"{opts.out} is up to date (same model, recipe and settings): nothing to do")
+                return existing
+            diff = [k for k in key if existing.get("build_key", {}).get(k) != key[k]]
+            raise BuildError(f"--out {opts.out} holds a different build (differs in: {', '.join(diff)}); choose "
+                             f"another --out or delete it")
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(opts.out)
+    tmp = opts.out.parent / f".{opts.out.name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    seconds: dict[str, float] = {}
+    quant_summary: dict[str, Any] | None = None
+    t = time.perf_counter()
+    if recipe.quantizes:
+        say(f"[2/5] quantizing with recipe {recipe.name} (ModelOpt, in a child process)")
+        from .quantize import run_in_subprocess
+
+        try:
+            quant_summary = run_in_subprocess(opts.model, recipe.name, tmp / "checkpoint", opts.calib_file,
+                                              opts.calib_text, opts.calib_samples, opts.calib_seq_len,
+                                              opts.quantize_head, opts.progress)
+        except RuntimeError as e:
+            raise BuildError(str(e)) from None
+    else:
+        say("[2/5] recipe none: copying the checkpoint")
+        shutil.copytree(opts.model, tmp / "checkpoint")
+    seconds["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    say(f"[3/5] exporting ONNX graphs: {', '.join(kinds)} (+ unified), plugin and reference forms")
+    files = export_graphs(tmp / "checkpoint", tmp / "onnx", kinds, opts.page_size, say)
+    seconds["onnx"] = time.perf_counter() - t
+    cfg = load_config(tmp / "checkpoint")
+    shapes = {"max_batch": opts.max_batch, "max_seq": opts.max_seq, "block_length": opts.block_length,
+              "page_size": opts.page_size, "max_pages_total": opts.max_batch * -(-opts.max_seq // opts.page_size),
+              "num_layers": cfg.num_hidden_layers, "num_kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim}
+    manifest: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "stage": "onnx",
+        "model": {"name": opts.model.name, "content_hash": model_hash, "architecture": "NemotronLabsDiffusionModel",
+                  "config": cfg.to_dict()},
+        "recipe": {"name": recipe.name, "description": recipe.description, "weights": recipe.weights,
+                   "activations": recipe.activations, "kv_cache": recipe.kv_cache, "group_size": recipe.group_size,
+                   "quantize_head": opts.quantize_head, "modelopt": quant_summary},
+        "modes": sorted(opts.modes), "target": opts.target,
+        "engine_kinds": {k: {"plugin": files[k]["plugin"], "reference": files[k]["reference"],
+                             "is_causal": ENGINE_KINDS[k].is_causal, "keeps_kv": ENGINE_KINDS[k].keeps_kv,
+                             "lora": ENGINE_KINDS[k].has_lora,
+                             "pass_kinds": [p.value for p in ENGINE_KINDS[k].pass_kinds]} for k in kinds},
+        "unified_graph": files["unified"]["plugin"],
+        "shapes": shapes,
+        "kv_cache": {"layout": "[num_layers, num_pages, page_size, num_kv_heads, head_dim]", "dtype": "float32",
+                     "quantization": recipe.kv_cache},
+        "plugins": {"namespace": PLUGIN_NAMESPACE, "versions": plugin_versions(), "onnx_domain": PLUGIN_NAMESPACE,
+                    "reference_form": "standard ONNX ops"},
+        "tools": tool_versions(), "tensorrt": None, "build_key": key,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    usable, reason = tensorrt_status()
+    if usable:
+        say("[4/5] TensorRT: compiling engines")
+        t = time.perf_counter()
+        manifest["tensorrt"] = _compile(tmp, manifest, opts.layout)
+        manifest["stage"] = "tensorrt"
+        manifest["seconds"]["tensorrt"] = round(time.perf_counter() - t, 2)
+    else:
+        say(f"[4/5] TensorRT stage skipped: {reason}")
+    say("[5/5] writing manifest.json (content hashes) and moving the directory into place")
+    manifest["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    manifest["files"] = file_entries(tmp)
+    write_manifest(tmp, manifest)
+    os.rename(tmp, opts.out)
+    if not usable:
+        say(f"ONNX stage complete in {opts.out}. TensorRT could not run here ({reason}). To finish on a GPU host "
+            f"with TensorRT 11: python scripts/build_engine.py --from-onnx {opts.out}")
+    return manifest
+
+
+def _compile(root: Path, manifest: dict[str, Any], layout: str) -> dict[str, Any]:
+    import torch
+
+    arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    if TARGET_ARCH[manifest["target"]] != arch:
+        print(f"warning: --target {manifest['target']} is {TARGET_ARCH[manifest['target']]} but this GPU is {arch}; "
+              f"TensorRT engines run only on the GPU architecture they were built on", file=sys.stderr)
+    shapes = manifest["shapes"]
+    return build_engines(root / "onnx", root / "trt", list(manifest["engine_kinds"]), shapes,
+                         shapes["num_layers"], layout)
+
+
+def finish_from_onnx(engine_dir: Path, layout: str = "shared", log: Callable[[str], None] | None = None
+                     ) -> dict[str, Any]:
+    """The TensorRT stage for a finished ONNX-stage engine directory (on a GPU host)."""
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    manifest = check_engine_dir(engine_dir)
+    usable, reason = tensorrt_status()
+    if not usable:
+        raise BuildError(f"--from-onnx {engine_dir}: TensorRT cannot run here: {reason}")
+    tmp = engine_dir / f"trt.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    say(f"TensorRT: compiling {', '.join(manifest['engine_kinds'])} ({layout} layout)")
+    section = build_engines(engine_dir / "onnx", tmp, list(manifest["engine_kinds"]), manifest["shapes"],
+                            manifest["shapes"]["num_layers"], layout)
+    final = engine_dir / "trt"
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    manifest.update(stage="tensorrt", tensorrt=section, tools=tool_versions())
+    manifest["files"] = file_entries(engine_dir)
+    write_manifest(engine_dir, manifest)  # last: until here the old (ONNX-stage) manifest stays valid
+    return manifest
+
+
+def options_dict(opts: BuildOptions) -> dict[str, Any]:
+    d = asdict(opts)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+__all__ = ["BuildError", "BuildOptions", "build", "finish_from_onnx", "MANIFEST", "MODE_KINDS"]

@@ -1,0 +1,140 @@
+"""The plugin ops as ONNX sees them (docs/kernels.md): names, namespace, version, schemas, and the contrib form.
+
+Plugin form: nodes in domain ``trimode`` whose op type is the TensorRT plugin name, with the string attributes
+``plugin_namespace`` = "trimode" and ``plugin_version`` = "1" that TensorRT's ONNX parser uses to find the
+plugin in its registry. ``register_onnx_schemas`` teaches ``onnx.checker`` / shape inference these ops.
+
+Contrib form (``contrib_form``): the same graph with the nodes moved to domain ``ai.onnx.contrib`` and run by
+onnxruntime through onnxruntime-extensions with the plugins' torch references as Python implementations
+(``register_ort_contrib_ops``), so the very graph handed to TensorRT is checked on CPU. Slow (one Python call
+per node): for tests. The executor runs the reference form instead (standard ONNX ops, ``onnx_graph.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+PLUGIN_NAMESPACE = "trimode"
+PLUGIN_VERSION = "1"
+PLUGIN_OPS = ("paged_attention", "kv_append")
+CONTRIB_DOMAIN = "ai.onnx.contrib"
+FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+POOL_TYPES = FLOAT_TYPES + ["tensor(float8e4m3fn)"]
+
+
+def plugin_versions() -> dict[str, str]:
+    """Version of each plugin op in the graphs this build writes (checked by the runtime's manifest check)."""
+    return {op: PLUGIN_VERSION for op in PLUGIN_OPS}
+
+
+def plugin_attributes() -> dict[str, str]:
+    return {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+
+
+def register_onnx_schemas() -> None:
+    """Register ``trimode::paged_attention`` and ``trimode::kv_append`` with onnx (idempotent)."""
+    from onnx import defs
+
+    if defs.has("paged_attention", PLUGIN_NAMESPACE):
+        return
+    P = defs.OpSchema.FormalParameter
+    A = defs.OpSchema.Attribute
+    AT = defs.OpSchema.AttrType
+    plugin_attrs = [A("plugin_namespace", AT.STRING, "TensorRT plugin namespace", required=False),
+                    A("plugin_version", AT.STRING, "TensorRT plugin version", required=False)]
+    pools = [P("k_pool", "TP", "one layer [num_pages, page_size, Hkv, D]"), P("v_pool", "TP", "one layer")]
+    attention = defs.OpSchema(
+        "paged_attention", PLUGIN_NAMESPACE, 1, "Paged attention over the shared KV pool (docs/kernels.md).",
+        inputs=[P("q", "T", "[T_total, Hq, D]"), P("k_new", "T", "[T_total, Hkv, D]"),
+                P("v_new", "T", "[T_total, Hkv, D]"),
+                *pools, P("block_tables", "tensor(int32)", "[num_seqs, max_pages]"),
+                P("context_lens", "tensor(int32)", "[num_seqs]"), P("query_start", "tensor(int32)", "[num_seqs + 1]")],
+        outputs=[P("out", "T", "[T_total, Hq, D]")],
+        type_constraints=[("T", FLOAT_TYPES, "activations"), ("TP", POOL_TYPES, "KV pool")],
+        attributes=[A("is_causal", AT.INT, "1 causal, 0 block-bidirectional"), A("scale", AT.FLOAT, "softmax scale"),
+                    A("page_size", AT.INT, "tokens per page"), *plugin_attrs])
+    append = defs.OpSchema(
+        "kv_append", PLUGIN_NAMESPACE, 1, "Write kept K/V into their pool slots, in place (docs/kernels.md).",
+        inputs=[P("k_new", "T", "[T_total, Hkv, D]"), P("v_new", "T", "[T_total, Hkv, D]"), *pools,
+                P("slot_mapping", "tensor(int64)", "[T_total], -1 = not written")],
+        outputs=[P("k_pool_out", "TP", "k_pool, updated (aliased)"), P("v_pool_out", "TP", "v_pool, updated")],
+        type_constraints=[("T", FLOAT_TYPES, "activations"), ("TP", POOL_TYPES, "KV pool")],
+        attributes=plugin_attrs)
+    defs.register_schema(attention)
+    defs.register_schema(append)
+
+
+# ---- contrib form (onnxruntime + onnxruntime-extensions) -------------------------------------------------------
+
+_ORT_REGISTERED = False
+
+
+def register_ort_contrib_ops() -> None:
+    """Python implementations of the plugin ops for onnxruntime-extensions (the plugins' torch references)."""
+    global _ORT_REGISTERED
+    if _ORT_REGISTERED:
+        return
+    import torch
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+
+    from ..plugins.kv_append import kv_append_reference
+    from ..plugins.paged_attention import paged_attention_reference
+
+    f, i32, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64
+
+    @onnx_op(op_type="paged_attention", inputs=[f, f, f, f, f, i32, i32, i32], outputs=[f],
+             attrs={"is_causal": i64, "scale": f, "page_size": i64})
+    def _paged_attention(q, k_new, v_new, k_pool, v_pool, block_tables, context_lens, query_start, **attrs):
+        t = [torch.from_numpy(np.ascontiguousarray(x)) for x in
+             (q, k_new, v_new, k_pool, v_pool, block_tables, context_lens, query_start)]
+        out = paged_attention_reference(*t, is_causal=bool(attrs["is_causal"]), scale=float(attrs["scale"]),
+                                        page_size=int(attrs["page_size"]))
+        return out.numpy()
+
+    @onnx_op(op_type="kv_append", inputs=[f, f, f, f, i64], outputs=[f, f])
+    def _kv_append(k_new, v_new, k_pool, v_pool, slot_mapping):
+        k_out, v_out = torch.from_numpy(k_pool.copy()), torch.from_numpy(v_pool.copy())
+        k_new, v_new, slots = (torch.from_numpy(np.ascontiguousarray(x)) for x in (k_new, v_new, slot_mapping))
+        kv_append_reference(k_new, v_new, k_out, v_out, slots)
+        return k_out.numpy(), v_out.numpy()
+
+    _ORT_REGISTERED = True
+
+
+def contrib_form(model):
+    """A copy of a plugin-form model with the plugin nodes in ``ai.onnx.contrib`` (for onnxruntime-extensions)."""
+    from onnx import helper
+
+    out = copy.deepcopy(model)
+
+    def convert(graph) -> None:
+        for node in graph.node:
+            if node.domain == PLUGIN_NAMESPACE:
+                node.domain = CONTRIB_DOMAIN
+                keep = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
+                del node.attribute[:]
+                node.attribute.extend(keep)
+            for attr in node.attribute:
+                if attr.g.node:
+                    convert(attr.g)
+
+    convert(out.graph)
+    opsets = [o for o in out.opset_import if o.domain != PLUGIN_NAMESPACE]
+    del out.opset_import[:]
+    out.opset_import.extend(opsets + [helper.make_opsetid(CONTRIB_DOMAIN, 1)])
+    return out
+
+
+def contrib_session(model, threads: int = 1):
+    """An onnxruntime session running a plugin-form model through its contrib form."""
+    import onnxruntime as ort
+    from onnxruntime_extensions import get_library_path
+
+    register_ort_contrib_ops()
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(get_library_path())
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return ort.InferenceSession(contrib_form(model).SerializeToString(), so, providers=["CPUExecutionProvider"])

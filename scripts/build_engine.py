@@ -1,0 +1,97 @@
+"""Build an engine directory for a tri-mode (NLD) checkpoint: quantize, export ONNX per engine kind, compile
+TensorRT engines where TensorRT and a GPU exist, and write the manifest last.
+
+    python scripts/build_engine.py --model models/tiny-kjv --quant fp8 --modes ar,diffusion,spec \\
+        --block-length 32 --max-batch 8 --max-seq 4096 --target hopper --out engines/tiny-kjv-fp8
+    python scripts/build_engine.py --from-onnx engines/tiny-kjv-fp8        # on a GPU host: TensorRT stage only
+
+Without TensorRT (CPU machines) the build stops after the ONNX stage and prints the command that finishes it.
+``--target spark`` selects w4a16 and prints a memory budget for 128 GB of unified memory. Errors are one line
+(exit status 2); the last stdout line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trimode.build.pipeline import TARGETS, BuildError, BuildOptions, build, finish_from_onnx
+from trimode.build.recipes import RECIPES
+from trimode.build.trt_compile import LAYOUTS
+from trimode.runtime.engine_dir import EngineDirError
+
+SPARK_MEMORY_GB = 128.0
+SPARK_RESERVE_GB = 16.0  # the OS and the CPU side of the unified memory
+
+
+def spark_budget(model_dir: Path, opts: BuildOptions) -> list[str]:
+    """Weights / KV pages / activations within 128 GB unified memory, for 3B/8B/14B and the given model."""
+    from trimode.build.memory_planner import REFERENCE_CONFIGS, plan_memory
+    from trimode.runtime.checkpoint import load_config
+
+    configs = dict(REFERENCE_CONFIGS)
+    configs[model_dir.name] = load_config(model_dir)
+    lines = [f"DGX Spark memory budget: {SPARK_MEMORY_GB:g} GiB unified, {SPARK_RESERVE_GB:g} GiB kept for the OS/CPU, "
+             f"w4a16 weights, bf16 KV, page {opts.page_size}, {opts.max_batch} x {opts.max_seq} tokens per forward"]
+    for name, cfg in configs.items():
+        plan = plan_memory(cfg, 1, "int4", "bfloat16", SPARK_MEMORY_GB, opts.page_size, opts.max_seq,
+                           max_num_tokens=opts.max_batch * opts.max_seq, reserve_gb=SPARK_RESERVE_GB, model_name=name)
+        lines.append(plan.format())
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="build_engine.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="NLD checkpoint directory (config.json + safetensors + tokenizer)")
+    p.add_argument("--out", type=Path, help="engine directory to create")
+    p.add_argument("--from-onnx", type=Path, metavar="DIR", help="add TensorRT engines to a finished ONNX-stage DIR")
+    p.add_argument("--quant", default=None, metavar="RECIPE",
+                   help=f"quantization recipe: {', '.join(RECIPES)} (default: none; w4a16 for --target spark)")
+    p.add_argument("--modes", default="ar,diffusion,spec", help="comma-separated: ar, diffusion, spec")
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-seq", type=int, default=4096)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--target", default="hopper", help=f"GPU target: {', '.join(TARGETS)}")
+    p.add_argument("--layout", default="shared", help=f"TensorRT engine layout: {', '.join(LAYOUTS)}")
+    p.add_argument("--calib-file", type=Path, help="calibration text file (default: the checkpoint's heldout.txt)")
+    p.add_argument("--calib-text", help="calibration text given inline")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--quantize-head", action="store_true", help="quantize diffusion_head too (default: kept 16-bit)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        if a.from_onnx is not None:
+            manifest = finish_from_onnx(a.from_onnx, a.layout)
+        else:
+            if a.model is None or a.out is None:
+                raise BuildError("--model and --out are required (or --from-onnx DIR)")
+            opts = BuildOptions(model=a.model, out=a.out, recipe=a.quant, modes=tuple(a.modes.split(",")),
+                                block_length=a.block_length, max_batch=a.max_batch, max_seq=a.max_seq,
+                                page_size=a.page_size, target=a.target, layout=a.layout, calib_file=a.calib_file,
+                                calib_text=a.calib_text, calib_samples=a.calib_samples,
+                                calib_seq_len=a.calib_seq_len, quantize_head=a.quantize_head,
+                                progress=not a.no_progress)
+            manifest = build(opts)
+            if opts.target == "spark":
+                print("\n".join(spark_budget(opts.model, opts)), file=sys.stderr)
+    except (BuildError, EngineDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {"engine_dir": str(a.from_onnx or a.out), "stage": manifest["stage"],
+               "recipe": manifest["recipe"]["name"], "engine_kinds": list(manifest["engine_kinds"]),
+               "seconds": manifest.get("seconds")}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

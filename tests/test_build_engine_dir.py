@@ -1,0 +1,249 @@
+"""#5 engine directories: manifest contents, refusal of mismatches and modified files, a SIGKILLed build leaving
+nothing the runtime accepts, one-line errors of scripts/build_engine.py, the Spark budget, and the TensorRT
+stage's control flow against a stand-in ``tensorrt`` (the real one cannot be installed here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import onnx
+import pytest
+
+from build_helpers import BUILD_SCRIPT, child_env, finish, start_build
+from trimode.build.pipeline import BuildError, BuildOptions
+from trimode.runtime.engine_dir import (EngineDirError, EngineMismatch, check_engine_dir, checkpoint_hash,
+                                        open_engine, read_manifest)
+
+
+def build_script():
+    spec = importlib.util.spec_from_file_location("build_engine_script", BUILD_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engdir") / "eng"
+    finish(start_build(checkpoints["gqa2-yarn-lora"], out, "none", "--modes", "ar,spec"))
+    return out
+
+
+def test_manifest_describes_the_build(engine, checkpoints):
+    m = read_manifest(engine)
+    assert m["stage"] == "onnx" and m["tensorrt"] is None
+    assert m["model"]["content_hash"] == checkpoint_hash(checkpoints["gqa2-yarn-lora"])
+    assert m["recipe"]["name"] == "none" and m["modes"] == ["ar", "spec"]
+    assert list(m["engine_kinds"]) == ["prefill", "decode", "draft", "verify"]
+    assert m["shapes"]["page_size"] == 4 and m["shapes"]["block_length"] == 8 and m["shapes"]["max_batch"] == 4
+    assert m["plugins"] == {"namespace": "trimode", "versions": {"paged_attention": "1", "kv_append": "1"},
+                            "onnx_domain": "trimode", "reference_form": "standard ONNX ops"}
+    for tool in ("python", "trimode", "torch", "onnx", "onnxruntime", "nvidia-modelopt", "tensorrt"):
+        assert tool in m["tools"]
+    assert m["tools"]["tensorrt"] is None
+    files = m["files"]
+    assert "onnx/weights.bin" in files and "checkpoint/config.json" in files and "manifest.json" not in files
+    assert all(len(f["sha256"]) == 64 for f in files.values())
+    text = (engine / "manifest.json").read_text()
+    assert str(engine.parent) not in text  # no absolute paths of the build machine
+    check_engine_dir(engine, verify_hashes="all")
+
+
+@pytest.mark.parametrize("field,kwargs", [
+    ("model.content_hash", {"model_hash": "0" * 64}),
+    ("shapes.page_size", {"page_size": 16}),
+    ("shapes.block_length", {"block_length": 32}),
+    ("plugins.versions.paged_attention", {"plugin_versions": {"paged_attention": "2", "kv_append": "1"}}),
+])
+def test_manifest_mismatch_is_refused_naming_the_field(engine, field, kwargs):
+    with pytest.raises(EngineMismatch) as e:
+        check_engine_dir(engine, **kwargs)
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_runtime_refuses_a_page_size_mismatch_and_modified_files(engine, tmp_path):
+    with pytest.raises(EngineMismatch, match="shapes.page_size"):
+        open_engine(engine, page_size=8)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(engine), str(copy)], check=True)
+    with open(copy / "onnx" / "decode.reference.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineDirError, match="decode.reference.onnx has"):
+        check_engine_dir(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(EngineDirError, match="no manifest.json"):
+        open_engine(copy)
+
+
+def test_build_killed_midway_leaves_nothing_the_runtime_accepts(checkpoints, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(BUILD_SCRIPT), "--model", checkpoints["mha-default-rope"],
+                             "--out", str(out), "--quant", "fp8", "--calib-text", "w5 w6 w7 " * 50,
+                             "--calib-samples", "2", "--calib-seq-len", "16", "--page-size", "4"],
+                            stderr=subprocess.PIPE, text=True, env=child_env(), start_new_session=True)
+    for line in proc.stderr:  # wait until the build is inside its quantization stage
+        if line.startswith("[2/5]"):
+            break
+    os.killpg(proc.pid, signal.SIGKILL)  # the build and its ModelOpt child
+    proc.wait()
+    partials = list(tmp_path.glob(".killed.partial-*"))
+    assert not out.exists() and len(partials) == 1
+    for candidate in (out, partials[0]):
+        with pytest.raises(EngineDirError):
+            check_engine_dir(candidate)
+    # the next build removes the stale partial directory and finishes (recipe none: fast)
+    finish(start_build(checkpoints["mha-default-rope"], out, "none"))
+    assert not list(tmp_path.glob(".killed.partial-*"))
+    check_engine_dir(out)
+
+
+def test_build_errors_are_one_line(tmp_path, checkpoints, capsys):
+    script = build_script()
+    bad = tmp_path / "llama"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    cases = [
+        (["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "no such directory"),
+        (["--model", str(bad), "--out", str(tmp_path / "o")], "not an NLD checkpoint: unsupported model_type 'llama'"),
+        (["--model", checkpoints["gqa2-yarn-lora"], "--out", str(tmp_path / "o"), "--quant", "int3"],
+         "unknown recipe 'int3' (--quant); choose from: none, fp8, fp8-kv, w4a16"),
+        (["--model", checkpoints["gqa2-yarn-lora"], "--out", str(tmp_path / "o"), "--target", "spark",
+          "--quant", "fp8"],
+         "--target spark builds w4a16 engines"),
+        (["--model", checkpoints["gqa2-yarn-lora"], "--out", str(tmp_path / "o"), "--modes", "ar,fast"],
+         "unknown mode(s) ['fast']"),
+        (["--from-onnx", str(tmp_path)], "has no manifest.json"),
+    ]
+    for argv, message in cases:
+        assert script.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_existing_out_is_up_to_date_or_refused(engine, checkpoints, capsys):
+    from trimode.build.pipeline import build
+
+    opts = dict(model=Path(checkpoints["gqa2-yarn-lora"]), out=engine, modes=("ar", "spec"),
+                block_length=8, max_batch=4, max_seq=256, page_size=4, progress=False)
+    assert build(BuildOptions(**opts))["build_key"] == read_manifest(engine)["build_key"]
+    with pytest.raises(BuildError, match="holds a different build .differs in: block_length"):
+        build(BuildOptions(**{**opts, "block_length": 16}))
+    assert "is up to date" in capsys.readouterr().err
+
+
+def test_spark_selects_w4a16_and_budgets_128gb(checkpoints, tmp_path):
+    opts = BuildOptions(model=Path(checkpoints["gqa2-yarn-lora"]), out=tmp_path / "o", target="spark")
+    assert opts.recipe_name == "w4a16"
+    lines = build_script().spark_budget(opts.model, opts)
+    text = "\n".join(lines)
+    assert "128 GiB unified" in lines[0]
+    for name in ("3B", "8B", "14B", "gqa2-yarn-lora"):
+        assert f"{name}:" in text
+    assert "KV tokens" in text and "weights per GPU" in text and "activations" in text
+
+
+def test_tensorrt_stage_against_a_stand_in(engine, monkeypatch, tmp_path):
+    """One engine from the unified graph with one optimization profile per kind, the timing cache written, the
+    plugins registered: the control flow of build/trt_compile.py on a fake ``tensorrt``."""
+    import fake_tensorrt
+
+    saved = {k: sys.modules.get(k) for k in ("tensorrt", "tensorrt.plugin")}
+    fake_tensorrt.install()
+    trt = sys.modules["tensorrt"]
+    calls = {"profiles": [], "parsed": [], "plugins": 0}
+
+    class Network:
+        def __init__(self):
+            self.inputs = []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return types.SimpleNamespace(name=self.inputs[i])
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.network, self.num_errors = network, 0
+
+        def parse_from_file(self, path):
+            calls["parsed"].append(os.path.basename(path))
+            self.network.inputs = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+            return True
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            assert len(lo) == len(opt) == len(hi) and all(a <= b <= c for a, b, c in zip(lo, opt, hi)), name
+            self.shapes[name] = (lo, opt, hi)
+
+    class Config:
+        def create_timing_cache(self, data):
+            return types.SimpleNamespace(serialize=lambda: b"timing")
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            pass
+
+        def set_memory_pool_limit(self, pool, size):
+            pass
+
+        def add_optimization_profile(self, profile):
+            calls["profiles"].append(profile)
+            return len(calls["profiles"]) - 1
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_network(self, flags):
+            assert flags == 1 << 7  # strongly typed
+            return Network()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"plan"
+
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=7)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    trt.__version__ = "11.0-fake"
+    import trimode.plugins as plugins
+
+    monkeypatch.setattr(plugins, "register_tensorrt_plugins", lambda: calls.__setitem__("plugins", 1))
+    try:
+        from trimode.build.trt_compile import build_engines
+
+        m = read_manifest(engine)
+        section = build_engines(engine / "onnx", tmp_path / "trt", list(m["engine_kinds"]), m["shapes"],
+                                m["shapes"]["num_layers"], "shared")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    assert calls["plugins"] == 1 and calls["parsed"] == ["unified.plugin.onnx"]
+    assert (tmp_path / "trt" / "engine.plan").read_bytes() == b"plan"
+    assert (tmp_path / "trt" / "timing.cache").read_bytes() == b"timing"
+    assert {k: v["profile"] for k, v in section["engines"].items()} == {"prefill": 0, "decode": 1, "draft": 2,
+                                                                       "verify": 3}
+    decode, prefill = calls["profiles"][1].shapes, calls["profiles"][0].shapes
+    assert decode["input_ids"][2] == (4,) and prefill["input_ids"][2] == (4 * 256,)
+    assert calls["profiles"][2].shapes["input_ids"][2] == (4 * 9,)  # draft: a block (+1) per sequence
+    assert "k_pool.0" in decode and "is_causal" not in decode

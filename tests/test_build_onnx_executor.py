@@ -1,0 +1,92 @@
+"""#6 (onnxruntime part): the onnxruntime executor over an engine directory's reference graphs gives the torch
+executor's greedy tokens in every mode, at batch 1 and 4, across a mid-request mode switch; every engine kind
+reads and writes the one KV pool in place; the weights are shared by all sessions."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from build_helpers import finish, start_build
+from conftest import random_prompts
+from trimode.runtime.engine_dir import open_engine
+from trimode.runtime.onnx_executor import OnnxRuntimeExecutor
+from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ortexec") / "eng"
+    finish(start_build(checkpoints["gqa2-yarn-lora"], out, "none"))
+    return out
+
+
+def lms(engine):
+    return {ex: open_engine(engine, executor=ex, num_pages=256, **({"threads": 1} if ex == "onnxruntime" else {}))
+            for ex in ("torch", "onnxruntime")}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_tokens_equal_torch_in_every_mode(engine, batch):
+    prompts = random_prompts([7, 3, 12, 5][:batch], seed=batch)
+    out = {}
+    for name, lm in lms(engine).items():
+        out[name] = {
+            "ar": [r.token_ids for r in lm.ar_generate(prompts, max_new_tokens=10)],
+            "diffusion": [r.token_ids for r in lm.generate(prompts, max_new_tokens=8, block_length=4)],
+            "spec": [r.token_ids for r in lm.linear_spec_generate(prompts, max_new_tokens=10, block_length=4)],
+        }
+    assert out["onnxruntime"] == out["torch"]
+    assert out["torch"]["spec"] == out["torch"]["ar"]
+
+
+def test_mode_switch_and_mixed_batch(engine):
+    prompts = random_prompts([6, 9, 4], seed=7)
+    results = {}
+    for name, lm in lms(engine).items():
+        reqs = [lm.request(prompts[0], 14, ARConfig(), switches=[(4, SpecConfig(4)), (9, DiffusionConfig(4))]),
+                lm.request(prompts[1], 10, SpecConfig(4)),
+                lm.request(prompts[2], 8, DiffusionConfig(4))]
+        results[name] = [r.token_ids for r in lm.run(reqs)]
+    assert results["onnxruntime"] == results["torch"]
+
+
+def test_one_pool_shared_by_all_kinds_and_equal_to_torch(engine):
+    """After spec requests (prefill, draft, verify + rollback) the whole pool equals the torch executor's
+    (same pages, same rows; freed pages keep what was written), and it is the runtime's buffer throughout."""
+    prompts = random_prompts([5, 11, 3], seed=3)
+    caches = {}
+    for name, lm in lms(engine).items():
+        ptr = lm.cache.k_pool.data_ptr()
+        lm.linear_spec_generate(prompts, max_new_tokens=9, block_length=4)
+        assert lm.cache.k_pool.data_ptr() == ptr  # written in place, never reallocated
+        caches[name] = lm.cache
+        if name == "onnxruntime":
+            ex = lm.executor
+            assert isinstance(ex, OnnxRuntimeExecutor) and set(ex.sessions) == {"prefill", "decode", "draft", "verify"}
+            assert set(ex.pool_pointers().values()) == {lm.cache.k_pool[0].data_ptr()}
+    ort_cache, torch_cache = caches["onnxruntime"], caches["torch"]
+    assert torch_cache.k_pool.abs().sum() > 0
+    assert (ort_cache.k_pool - torch_cache.k_pool).abs().max() < 1e-4
+    assert (ort_cache.v_pool - torch_cache.v_pool).abs().max() < 1e-4
+    assert ((ort_cache.k_pool == 0) == (torch_cache.k_pool == 0)).all()  # the same rows written
+
+
+def test_weights_are_shared_initializers_over_one_file(engine):
+    """Structural: every external initializer of every session is an OrtValue over the one memory-mapped
+    weights.bin (so 4 kinds cost the weights once); prepacking, which would copy per session, is off."""
+    lm = open_engine(engine, executor="onnxruntime", num_pages=16, threads=1)
+    ex = lm.executor
+    mm = ex.shared._maps["weights.bin"]
+    lo, hi = mm.ctypes.data, mm.ctypes.data + mm.size
+    names = set()
+    for kind, s in ex.sessions.items():
+        graph = onnx.load(str(engine / "onnx" / f"{kind}.reference.onnx"), load_external_data=False)
+        external = {t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        names |= external
+        assert external <= set(ex.shared.values)
+    assert len(ex.shared.values) == len(names)  # one OrtValue per distinct initializer, whatever the kinds
+    for value in ex.shared.values.values():
+        assert lo <= value.data_ptr() < hi
+    options = next(iter(ex.sessions.values())).session.get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "1"

@@ -10,6 +10,7 @@ tokens whose ``lora_mask`` is 1 (draft passes).
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -171,6 +172,18 @@ class NLDModel(nn.Module):
 
 
 _INITIALIZERS = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "trunc_normal_", "zeros_", "ones_")
+_ORIGINAL_INIT = {name: getattr(nn.init, name) for name in _INITIALIZERS}
+_init_lock = threading.Lock()
+_init_users = 0
+_skipping = threading.local()
+
+
+def _skippable(name: str) -> Callable:
+    original = _ORIGINAL_INIT[name]
+
+    def init(tensor, *args, **kwargs):
+        return tensor if getattr(_skipping, "active", False) else original(tensor, *args, **kwargs)
+    return init
 
 
 @contextmanager
@@ -178,18 +191,26 @@ def on_meta_device() -> Iterator[None]:
     """Build modules on the meta device with their initializers skipped (weights are loaded next).
 
     Plain ``with torch.device("meta")`` runs every initializer on meta tensors, whose Python kernels import
-    torch._dynamo: seconds of start-up per process for nothing. Not thread-safe (it swaps torch.nn.init
-    functions for the duration); used only while loading a model.
+    torch._dynamo: seconds of start-up per process for nothing. While any thread is inside, torch.nn.init's
+    initializers are wrapped; the wrappers skip only in the threads inside this context.
     """
-    saved = {name: getattr(nn.init, name) for name in _INITIALIZERS}
-    for name in _INITIALIZERS:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    global _init_users
+    with _init_lock:
+        if _init_users == 0:
+            for name in _INITIALIZERS:
+                setattr(nn.init, name, _skippable(name))
+        _init_users += 1
+    _skipping.active = True
     try:
         with torch.device("meta"):
             yield
     finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
+        _skipping.active = False
+        with _init_lock:
+            _init_users -= 1
+            if _init_users == 0:
+                for name, fn in _ORIGINAL_INIT.items():
+                    setattr(nn.init, name, fn)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -125,3 +125,28 @@ def test_lora_wrong_target(good):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="is not a checkpoint directory"):
         load_model(tmp_path / "nothing")
+
+
+def test_meta_loading_skips_init_only_in_its_own_thread():
+    """Loading (which skips initializers) in other threads must not leave this thread's modules uninitialized."""
+    import threading
+
+    from torch import nn
+
+    from trimode.runtime import model as model_module
+    from trimode.runtime.model import NLDModel, on_meta_device
+
+    def load():
+        for _ in range(10):
+            with on_meta_device():
+                NLDModel(tiny_config())
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(10):
+        w = NLDModel(tiny_config()).encoder.embed_tokens.weight
+        assert torch.isfinite(w).all() and w.std() > 0.5, "initializers were skipped outside on_meta_device"
+    for t in threads:
+        t.join()
+    assert all(getattr(nn.init, n) is model_module._ORIGINAL_INIT[n] for n in model_module._INITIALIZERS)

@@ -85,6 +85,18 @@ def run_one(lm, prompts: list[str], mode, batch: int, max_new_tokens: int, repea
             "sample": results[0].text}
 
 
+def open_runtime(args: argparse.Namespace, executor: str):
+    from trimode.build.pipeline import BuildOptions, build
+    from trimode.runtime.api import TriModeLM
+
+    if executor == "torch":
+        return TriModeLM.from_pretrained(args.model)
+    # the ONNX stage of the build (returns at once when the directory is up to date)
+    build(BuildOptions(model=Path(args.model), out=Path(args.engine_dir), block_length=max(args.blocks),
+                       max_seq=1024), log=lambda msg: None)
+    return TriModeLM.from_engine(args.engine_dir, executor="onnxruntime")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -114,7 +126,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models" / "tiny-kjv"))
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
-    ap.add_argument("--executor", choices=["torch"], default="torch")
+    ap.add_argument("--executor", choices=["torch", "onnxruntime"], nargs="+", default=["torch"],
+                    help="one or both; onnxruntime runs the engine directory built from --model (ONNX stage)")
+    ap.add_argument("--engine-dir", default=str(ROOT / "engines" / "bench"), help="where --executor onnxruntime "
+                    "builds the engine (reused when up to date)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--prompt-verses", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -127,37 +142,36 @@ def main() -> int:
 
     import torch
 
-    from trimode.runtime.api import TriModeLM
-
     torch.set_num_threads(args.threads)
-    lm = TriModeLM.from_pretrained(args.model, executor=args.executor)
     sets = prompt_sets(args.num_prompts, args.prompt_verses, args.seed)
-    for mode in (c for _, _, c in configurations(args.blocks[:1])):  # warm-up every code path
-        lm.run([lm.request(sets["free"][0], 16, mode)])
     rows = []
-    for set_name, prompts in sets.items():
-        for batch in args.batches:
-            ar_tps = None
-            for mode_name, params, mode in configurations(args.blocks):
-                m = run_one(lm, prompts, mode, batch, args.max_new_tokens, args.repeats)
-                ar_tps = ar_tps or m["tokens_per_s"]
-                label = mode_name + "".join(f" {k}={v}" for k, v in params.items())
-                row = {"set": set_name, "batch": batch, "mode": mode_name, **params, "label": label, **m,
-                       "speedup_vs_ar": m["tokens_per_s"] / ar_tps}
-                rows.append(row)
-                acc = row["mean_accepted_length"]
-                print(f"{set_name:10s} b={batch} {label:28s} tok/fwd {m['tokens_per_forward']:5.2f}  "
-                      f"acc {acc if acc is None else round(acc, 2)!s:5s} tok/s {m['tokens_per_s']:7.1f}  "
-                      f"x{row['speedup_vs_ar']:4.2f}  distinct4 {m['distinct_4gram']:.2f}", flush=True)
+    for executor in args.executor:
+        lm = open_runtime(args, executor)
+        for mode in (c for _, _, c in configurations(args.blocks[:1])):  # warm-up every code path
+            lm.run([lm.request(sets["free"][0], 16, mode)])
+        for set_name, prompts in sets.items():
+            for batch in args.batches:
+                ar_tps = None
+                for mode_name, params, mode in configurations(args.blocks):
+                    m = run_one(lm, prompts, mode, batch, args.max_new_tokens, args.repeats)
+                    ar_tps = ar_tps or m["tokens_per_s"]
+                    label = mode_name + "".join(f" {k}={v}" for k, v in params.items())
+                    row = {"executor": executor, "set": set_name, "batch": batch, "mode": mode_name, **params,
+                           "label": label, **m, "speedup_vs_ar": m["tokens_per_s"] / ar_tps}
+                    rows.append(row)
+                    acc = row["mean_accepted_length"]
+                    print(f"{executor:11s} {set_name:10s} b={batch} {label:28s} tok/fwd {m['tokens_per_forward']:5.2f}  "
+                          f"acc {acc if acc is None else round(acc, 2)!s:5s} tok/s {m['tokens_per_s']:7.1f}  "
+                          f"x{row['speedup_vs_ar']:4.2f}  distinct4 {m['distinct_4gram']:.2f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": Path(args.model).name, "executor": args.executor, "machine": platform.processor() or
+    meta = {"model": Path(args.model).name, "executors": args.executor, "machine": platform.processor() or
             platform.machine(), "threads": args.threads, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "command": " ".join(["scripts/bench.py", *sys.argv[1:]]), "max_new_tokens": args.max_new_tokens,
             "repeats": args.repeats,
             "num_prompts": {k: len(v) for k, v in sets.items()}}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    plot(rows, out / "bench.png")
+    plot([r for r in rows if r["executor"] == args.executor[0]], out / "bench.png")
     summary = {"meta": meta, "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                                        if k != "sample"} for r in rows]}
     print(json.dumps(summary))

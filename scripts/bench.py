@@ -92,9 +92,10 @@ def open_runtime(args: argparse.Namespace, executor: str):
     if executor == "torch":
         return TriModeLM.from_pretrained(args.model)
     # the ONNX stage of the build (returns at once when the directory is up to date)
-    build(BuildOptions(model=Path(args.model), out=Path(args.engine_dir), block_length=max(args.blocks),
-                       max_seq=1024), log=lambda msg: None)
-    return TriModeLM.from_engine(args.engine_dir, executor="onnxruntime")
+    engine_dir = Path(args.engine_dir or ROOT / "engines" / f"bench-b{max(args.blocks)}")
+    build(BuildOptions(model=Path(args.model), out=engine_dir, block_length=max(args.blocks), max_seq=1024),
+          log=lambda msg: None)
+    return TriModeLM.from_engine(engine_dir, executor="onnxruntime")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -128,8 +129,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
     ap.add_argument("--executor", choices=["torch", "onnxruntime"], nargs="+", default=["torch"],
                     help="one or both; onnxruntime runs the engine directory built from --model (ONNX stage)")
-    ap.add_argument("--engine-dir", default=str(ROOT / "engines" / "bench"), help="where --executor onnxruntime "
-                    "builds the engine (reused when up to date)")
+    ap.add_argument("--engine-dir", default=None, help="where --executor onnxruntime builds the engine "
+                    "(default engines/bench-b<largest block>; reused when up to date)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--prompt-verses", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,21 @@ PASS_TO_KIND = {PassKind.PREFILL: "prefill", PassKind.DECODE: "decode", PassKind
                 PassKind.COMMIT: "verify", PassKind.DRAFT: "draft", PassKind.DENOISE: "draft"}
 # a kind this engine directory lacks can be served by one computing the same graph with other shape ranges
 SAME_GRAPH = {"prefill": ("verify", "decode"), "decode": ("verify", "prefill"), "verify": ("prefill", "decode")}
+
+
+def run_by_engine_kind(passes: Sequence[SeqPass],
+                       run: Callable[[str, list[SeqPass]], torch.Tensor]) -> list[torch.Tensor]:
+    """Group the passes by the engine kind that serves them, ``run`` each group once (-> logits rows of its
+    passes, in order), and return each pass's logits in the order of ``passes``."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(passes):
+        groups[PASS_TO_KIND[p.kind]].append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(passes)
+    for kind, idx in groups.items():
+        batch = [passes[i] for i in idx]
+        for i, lg in zip(idx, run(kind, batch).split([p.num_logits for p in batch])):
+            out[i] = lg
+    return out
 
 
 def graph_feeds(passes: Sequence[SeqPass], cache: PagedKVCache, keeps_kv: bool, has_lora: bool
@@ -175,24 +190,18 @@ class OnnxRuntimeExecutor(Executor):
 
     @torch.no_grad()
     def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]:
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, p in enumerate(passes):
-            groups[PASS_TO_KIND[p.kind]].append(i)
-        out: list[torch.Tensor] = [torch.empty(0)] * len(passes)
-        for kind, idx in groups.items():
-            s = self._session_for(kind)
-            batch = [passes[i] for i in idx]
-            s.binding.clear_binding_inputs()
-            s.binding.clear_binding_outputs()
-            for name, value in graph_feeds(batch, self.cache, s.keeps_kv, s.has_lora).items():
-                s.binding.bind_cpu_input(name, value)
-            s.binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
-            self._bind_pools(s)
-            s.session.run_with_iobinding(s.binding)
-            logits = torch.from_numpy(s.binding.get_outputs()[0].numpy())
-            for i, lg in zip(idx, logits.split([p.num_logits for p in batch])):
-                out[i] = lg
-        return out
+        return run_by_engine_kind(passes, self._run_kind)
+
+    def _run_kind(self, kind: str, batch: list[SeqPass]) -> torch.Tensor:
+        s = self._session_for(kind)
+        s.binding.clear_binding_inputs()
+        s.binding.clear_binding_outputs()
+        for name, value in graph_feeds(batch, self.cache, s.keeps_kv, s.has_lora).items():
+            s.binding.bind_cpu_input(name, value)
+        s.binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
+        self._bind_pools(s)
+        s.session.run_with_iobinding(s.binding)
+        return torch.from_numpy(s.binding.get_outputs()[0].numpy())
 
     def pool_pointers(self) -> dict[str, int]:
         """The data pointer every session binds for layer 0's K pool (tests: one and the same buffer)."""

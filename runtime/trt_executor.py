@@ -14,7 +14,6 @@ the torch executor on a GPU host.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +23,7 @@ import torch
 from .engine_dir import check_engine_dir
 from .executor import Executor, register_executor
 from .kv_cache import PagedKVCache
-from .onnx_executor import PASS_TO_KIND, graph_feeds
+from .onnx_executor import graph_feeds, run_by_engine_kind
 from .passes import SeqPass
 
 
@@ -99,15 +98,9 @@ class TensorRTExecutor(Executor):
 
     @torch.no_grad()
     def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]:
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, p in enumerate(passes):
-            groups[PASS_TO_KIND[p.kind]].append(i)
-        out: list[torch.Tensor] = [torch.empty(0)] * len(passes)
-        for kind, idx in groups.items():
+        def run(kind: str, batch: list[SeqPass]) -> torch.Tensor:
             if kind not in self.contexts:
                 raise ValueError(f"engine directory {self.engine_dir} has no {kind!r} engine")
-            batch = [passes[i] for i in idx]
-            logits = self._run(kind, batch)
-            for i, lg in zip(idx, logits.split([p.num_logits for p in batch])):
-                out[i] = lg
-        return out
+            return self._run(kind, batch)
+
+        return run_by_engine_kind(passes, run)

@@ -19,13 +19,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..build.engine_kinds import PASS_TO_KIND  # which engine kind serves each pass kind
 from .engine_dir import check_engine_dir
 from .executor import Executor, register_executor
 from .kv_cache import PagedKVCache
-from .passes import PassKind, SeqPass
+from .passes import SeqPass
 
-PASS_TO_KIND = {PassKind.PREFILL: "prefill", PassKind.DECODE: "decode", PassKind.VERIFY: "verify",
-                PassKind.COMMIT: "verify", PassKind.DRAFT: "draft", PassKind.DENOISE: "draft"}
 # a kind this engine directory lacks can be served by one computing the same graph with other shape ranges
 SAME_GRAPH = {"prefill": ("verify", "decode"), "decode": ("verify", "prefill"), "verify": ("prefill", "decode")}
 

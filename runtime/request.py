@@ -102,11 +102,10 @@ class GenerationRequest:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
                 or self.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if isinstance(self.mode, SpecConfig) or any(isinstance(m, SpecConfig) for _, m in self.switches):
-            spec = [m for m in (self.mode, *(m for _, m in self.switches)) if isinstance(m, SpecConfig)]
-            if not self.sampling.is_greedy and any(m.threshold > 0 for m in spec):
-                raise RequestError("spec decoding with temperature > 0 needs threshold 0: rejection sampling is "
-                                   "exact only for drafts filled in one pass")
+        spec = [m for m in (self.mode, *(m for _, m in self.switches)) if isinstance(m, SpecConfig)]
+        if not self.sampling.is_greedy and any(m.threshold > 0 for m in spec):
+            raise RequestError("spec decoding with temperature > 0 needs threshold 0: rejection sampling is "
+                               "exact only for drafts filled in one pass")
         if list(self.switches) != sorted(self.switches, key=lambda s: s[0]):
             raise RequestError("switches must be ordered by their token counts")
 

@@ -81,14 +81,35 @@ def graph_files(kinds: list[str]) -> dict[str, dict[str, str]]:
     return files
 
 
+def rank_dir_name(rank: int) -> str:
+    """The sub-directory of ``onnx/`` holding rank ``rank``'s graph set in a ``--tp N`` build."""
+    return f"rank{rank}"
+
+
 def export_graphs(checkpoint: str | Path, out_dir: str | Path, kinds: list[str], page_size: int,
-                  progress: Callable[[str], None] | None = None) -> dict[str, dict[str, str]]:
-    """Write every graph of ``kinds`` (plus the unified graph) into ``out_dir``; returns ``graph_files``."""
+                  progress: Callable[[str], None] | None = None, tp: int = 1) -> dict[str, dict[str, str]]:
+    """Write every graph of ``kinds`` (plus the unified graph) into ``out_dir``; returns ``graph_files``.
+
+    With ``tp`` > 1 each rank's shard (build/sharding.py) gets its own graph set and weights file in
+    ``out_dir/rank<r>/`` (same file names in every rank directory)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     assert all(k in ENGINE_KINDS for k in kinds), kinds
     weights = load_weights(checkpoint)
+    if tp == 1:
+        return _export_set(weights, out_dir, kinds, page_size, say, "")
+    from .sharding import shard_weights
+
+    shards = [shard_weights(weights, rank, tp) for rank in range(tp)]  # checks every rank can be cut first
+    for rank, shard in enumerate(shards):
+        files = _export_set(shard, out_dir / rank_dir_name(rank), kinds, page_size, say, f"rank {rank}/{tp} ")
+    return files
+
+
+def _export_set(weights: ModelWeights, out_dir: Path, kinds: list[str], page_size: int,
+                say: Callable[[str], None], label: str) -> dict[str, dict[str, str]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
     files = graph_files(kinds)
     store = SharedWeightsFile(out_dir)
     jobs = [(k, form) for k in kinds for form in ("plugin", "reference")] + [("unified", "plugin")]
@@ -97,7 +118,7 @@ def export_graphs(checkpoint: str | Path, out_dir: str | Path, kinds: list[str],
             model = build_graph(weights, kind, form, page_size)
             store.externalize(model)
             onnx.save(model, str(out_dir / files[kind][form]))
-            say(f"onnx [{n}/{len(jobs)}] {files[kind][form]}: {len(model.graph.node)} nodes")
+            say(f"onnx {label}[{n}/{len(jobs)}] {files[kind][form]}: {len(model.graph.node)} nodes")
     finally:
         store.close()
     return files

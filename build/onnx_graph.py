@@ -43,7 +43,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ..runtime.config import ModelConfig
 from ..runtime.rope import rope_frequencies
 from .engine_kinds import ENGINE_KINDS
-from .plugin_ops import PLUGIN_NAMESPACE, plugin_attributes, register_onnx_schemas
+from .plugin_ops import (COLLECTIVE_OPSET, PLUGIN_NAMESPACE, collective_node, plugin_attributes,
+                         register_onnx_schemas)
 from .quantized_loader import linear_format, unpack_int4
 
 OPSET = 21
@@ -62,6 +63,8 @@ class ModelWeights:
     lora: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     lora_scale: float = 1.0
     kv_scales: dict[str, float] = field(default_factory=dict)
+    tp_rank: int = 0  # a tensor-parallel shard (build/sharding.py): rank tp_rank of tp_size
+    tp_size: int = 1
 
 
 def pack_int4_rows(q: np.ndarray) -> bytes:
@@ -116,6 +119,10 @@ class GraphBuilder:
         self.is_causal = spec.is_causal if spec else None
         self.keeps_kv = spec.keeps_kv if spec else True
         self.has_lora = (spec.has_lora if spec else True) and weights.lora is not None
+        self.tp_rank, self.tp_size = weights.tp_rank, weights.tp_size
+        self.hq = self.cfg.num_attention_heads // self.tp_size  # this rank's heads and vocabulary slice
+        self.hkv = self.cfg.num_key_value_heads // self.tp_size
+        self.vocab = self.cfg.vocab_size // self.tp_size
         self.g = _Graph()
 
     # ---- building blocks ------------------------------------------------------------------------------
@@ -170,7 +177,7 @@ class GraphBuilder:
         if not self.unified:
             return self.g.op("paged_attention", inputs, domain=PLUGIN_NAMESPACE, name=f"paged_attention_{layer}",
                              is_causal=int(self.is_causal), **common)
-        out_info = [helper.make_tensor_value_info("", FLOAT, ["T", self.cfg.num_attention_heads, self.cfg.head_dim])]
+        out_info = [helper.make_tensor_value_info("", FLOAT, ["T", self.hq, self.cfg.head_dim])]
         branches = []
         for causal in (1, 0):
             out = f"attn_{layer}_{'causal' if causal else 'bidirectional'}"
@@ -213,7 +220,7 @@ class GraphBuilder:
 
     def _attention_reference(self, q: str, k: str, v: str, kp: str, vp: str) -> str:
         g, cfg = self.g, self.cfg
-        hkv, grp, d = cfg.num_key_value_heads, cfg.num_queries_per_kv, cfg.head_dim
+        hkv, grp, d = self.hkv, cfg.num_queries_per_kv, cfg.head_dim
         flat = g.const([-1, hkv, d])
         k_prefix = g.op("Gather", [g.op("Reshape", [kp, flat]), self.prefix_slots])  # [T, C, Hkv, D]
         v_prefix = g.op("Gather", [g.op("Reshape", [vp, flat]), self.prefix_slots])
@@ -227,7 +234,7 @@ class GraphBuilder:
         p_new = g.op("Slice", [probs, self.num_prefix, g.const([np.iinfo(np.int64).max]), g.const([3])])
         out = g.op("Add", [g.op("Einsum", [p_prefix, v_prefix], equation="tkgc,tckd->tkgd"),
                            g.op("Einsum", [p_new, v], equation="tkgs,skd->tkgd")])
-        return g.op("Reshape", [out, g.const([0, cfg.num_attention_heads, d])])
+        return g.op("Reshape", [out, g.const([0, self.hq, d])])
 
     def kv_append(self, layer: int, k: str, v: str, kp: str, vp: str) -> None:
         g = self.g
@@ -249,15 +256,35 @@ class GraphBuilder:
         scale = g.init(scale_name, np.asarray(self.w.kv_scales[scale_name], np.float32))
         return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, scale, self._fp8_zero()]), scale])
 
+    # ---- tensor parallelism (build/sharding.py) ---------------------------------------------------------
+
+    def embedding(self) -> str:
+        """Token embeddings; under --tp this rank's vocabulary rows (other ids give 0) and an all-reduce."""
+        g = self.g
+        embed = g.init("encoder.embed_tokens.weight", _f32(self.w.tensors["encoder.embed_tokens.weight"]))
+        if self.tp_size == 1:
+            return g.op("Gather", [embed, "input_ids"])
+        local = g.op("Sub", ["input_ids", g.const(self.tp_rank * self.vocab)])
+        inside = g.op("And", [g.op("GreaterOrEqual", [local, g.const(0)]), g.op("Less", [local, g.const(self.vocab)])])
+        rows = g.op("Gather", [embed, g.op("Where", [inside, local, g.const(0)])])
+        keep = g.op("Unsqueeze", [g.op("Cast", [inside], to=FLOAT), g.const([1])])
+        return self.all_reduce(g.op("Mul", [rows, keep]), "embedding")
+
+    def all_reduce(self, x: str, where: str) -> str:
+        """Sum of ``x`` over the tensor-parallel ranks (nothing at tp 1): a row-parallel layer's reduce."""
+        if self.tp_size == 1:
+            return x
+        op_type, domain, attrs = collective_node(self.form, self.tp_rank, self.tp_size)
+        return self.g.op(op_type, [x], domain=domain, name=f"all_reduce_{where}", **attrs)
+
     # ---- the model --------------------------------------------------------------------------------------
 
     def build(self) -> onnx.ModelProto:
         cfg, g, t = self.cfg, self.g, self.w.tensors
-        hq, hkv, d, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+        hq, hkv, d, L = self.hq, self.hkv, cfg.head_dim, cfg.num_hidden_layers
         if self.form == "reference":
             self._attention_precompute()
-        embed = g.init("encoder.embed_tokens.weight", _f32(t["encoder.embed_tokens.weight"]))
-        h = g.op("Gather", [embed, "input_ids"])
+        h = self.embedding()
         inv_freq, attention_factor = rope_frequencies(cfg.rope, d)
         freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", ["positions"], to=FLOAT), g.const([1])]),
                              g.init("rope.inv_freq", inv_freq.numpy().astype(np.float32))])
@@ -299,11 +326,11 @@ class GraphBuilder:
                 delta = g.op("MatMul", [g.op("MatMul", [o, g.init(f"lora.{i}.A.T", _f32(a).T.copy())]),
                                         g.init(f"lora.{i}.B.T", _f32(b).T.copy())])
                 out = g.op("Add", [out, g.op("Mul", [delta, lora_gate])])
-            h = g.op("Add", [h, out])
+            h = g.op("Add", [h, self.all_reduce(out, f"attention_{i}")])
             x = self.rms_norm(h, p + "post_attention_layernorm.weight")
             gate = self.linear(x, p + "mlp.gate_proj")
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), self.linear(x, p + "mlp.up_proj")])
-            h = g.op("Add", [h, self.linear(act, p + "mlp.down_proj")])
+            h = g.op("Add", [h, self.all_reduce(self.linear(act, p + "mlp.down_proj"), f"mlp_{i}")])
         rows = self.rms_norm(g.op("Gather", [h, "logits_index"]), "encoder.norm.weight")
         logits = self.linear(rows, "diffusion_head")
         g.op("Identity", [logits], outputs=["logits"])
@@ -311,7 +338,7 @@ class GraphBuilder:
 
     def _model(self) -> onnx.ModelProto:
         cfg, S = self.cfg, self.page_size
-        hkv, d = cfg.num_key_value_heads, cfg.head_dim
+        hkv, d = self.hkv, cfg.head_dim
         vi = helper.make_tensor_value_info
         pool = ["num_pages", S, hkv, d]
         inputs = [vi("input_ids", TensorProto.INT64, ["T"]), vi("positions", TensorProto.INT64, ["T"]),
@@ -326,16 +353,19 @@ class GraphBuilder:
             inputs.append(vi("is_causal", TensorProto.BOOL, []))
         for i in range(cfg.num_hidden_layers):
             inputs += [vi(f"k_pool.{i}", FLOAT, pool), vi(f"v_pool.{i}", FLOAT, pool)]
-        outputs = [vi("logits", FLOAT, ["R", cfg.vocab_size])]
+        outputs = [vi("logits", FLOAT, ["R", self.vocab])]  # under --tp: this rank's vocabulary slice
         if self.keeps_kv:
             for i in range(cfg.num_hidden_layers):
                 outputs += [vi(f"k_pool_out.{i}", FLOAT, pool), vi(f"v_pool_out.{i}", FLOAT, pool)]
-        graph = helper.make_graph(self.g.nodes, f"trimode_{self.kind}_{self.form}", inputs, outputs,
+        name = f"trimode_{self.kind}_{self.form}" + (f"_rank{self.tp_rank}of{self.tp_size}" if self.tp_size > 1 else "")
+        graph = helper.make_graph(self.g.nodes, name, inputs, outputs,
                                   initializer=list(self.g.inits.values()))
         opsets = [helper.make_opsetid("", OPSET)]
         if self.form == "plugin":
             register_onnx_schemas()
             opsets.append(helper.make_opsetid(PLUGIN_NAMESPACE, 1))
+        if self.tp_size > 1 and COLLECTIVE_OPSET[self.form] is not None:
+            opsets.append(helper.make_opsetid(*COLLECTIVE_OPSET[self.form]))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="trimode.build")
         model.ir_version = 10
         return model

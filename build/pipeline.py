@@ -21,10 +21,12 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..runtime.checkpoint import CheckpointError, load_config
+from ..runtime.distributed import TensorParallelConfigError
+from ..runtime.tensor_parallel import check_tensor_parallel
 from ..runtime.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineDirError, check_engine_dir,
                                   checkpoint_hash, file_entries, read_manifest, write_manifest)
 from .engine_kinds import ENGINE_KINDS, MODE_KINDS, ModeError, kinds_for_modes
-from .onnx_export import export_graphs
+from .onnx_export import export_graphs, rank_dir_name
 from .plugin_ops import PLUGIN_NAMESPACE, plugin_versions
 from .recipes import RECIPES, get_recipe
 from .trt_compile import LAYOUTS, TARGET_ARCH, build_engines, tensorrt_status
@@ -55,11 +57,12 @@ class BuildOptions:
     calib_samples: int = 32
     calib_seq_len: int = 256
     quantize_head: bool = False
+    tp: int = 1  # tensor-parallel ranks: one graph set (and engine) per rank
     progress: bool = True
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("block_length", "max_batch", "max_seq", "page_size", "calib_samples", "calib_seq_len"):
+        for name in ("block_length", "max_batch", "max_seq", "page_size", "calib_samples", "calib_seq_len", "tp"):
             if int(getattr(self, name)) < 1:
                 raise BuildError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.target not in TARGETS:
@@ -70,6 +73,8 @@ class BuildOptions:
             raise BuildError(f"unknown recipe {self.recipe!r} (--quant); choose from: {', '.join(RECIPES)}")
         if self.target == "spark" and self.recipe not in (None, "w4a16"):
             raise BuildError(f"--target spark builds w4a16 engines (128 GB unified memory); got --quant {self.recipe}")
+        if self.target == "spark" and self.tp != 1:
+            raise BuildError(f"--target spark is one GPU; --tp {self.tp} needs as many GPUs")
         try:
             kinds_for_modes(self.modes)
         except ModeError as e:
@@ -113,7 +118,8 @@ def build_key(opts: BuildOptions, model_hash: str) -> dict[str, Any]:
             "page_size": opts.page_size, "target": opts.target, "layout": opts.layout,
             "calibration": None if not get_recipe(opts.recipe_name).quantizes else
             [opts.calib_file.name if opts.calib_file else None, opts.calib_text, opts.calib_samples,
-             opts.calib_seq_len, opts.quantize_head]}
+             opts.calib_seq_len, opts.quantize_head],
+            **({"tp": opts.tp} if opts.tp > 1 else {})}  # (absent at tp 1: builds before --tp stay valid)
 
 
 def _remove_stale_partials(out: Path) -> None:
@@ -138,6 +144,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
     """Run the build; returns the manifest. Raises ``BuildError`` (one line) for bad inputs."""
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_model_dir(opts.model)
+    try:
+        check_tensor_parallel(load_config(opts.model), opts.tp)
+    except TensorParallelConfigError as e:
+        raise BuildError(f"--tp: {e}") from None
     recipe = get_recipe(opts.recipe_name)
     kinds = kinds_for_modes(opts.modes)
     t0 = time.perf_counter()
@@ -181,13 +191,18 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
         shutil.copytree(opts.model, tmp / "checkpoint")
     seconds["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
-    say(f"[3/5] exporting ONNX graphs: {', '.join(kinds)} (+ unified), plugin and reference forms")
-    files = export_graphs(tmp / "checkpoint", tmp / "onnx", kinds, opts.page_size, say)
+    say(f"[3/5] exporting ONNX graphs: {', '.join(kinds)} (+ unified), plugin and reference forms"
+        + (f", one set per rank of {opts.tp}" if opts.tp > 1 else ""))
+    try:
+        files = export_graphs(tmp / "checkpoint", tmp / "onnx", kinds, opts.page_size, say, tp=opts.tp)
+    except TensorParallelConfigError as e:  # e.g. int4 groups cut by the split
+        raise BuildError(f"--tp: {e}") from None
     seconds["onnx"] = time.perf_counter() - t
     cfg = load_config(tmp / "checkpoint")
     shapes = {"max_batch": opts.max_batch, "max_seq": opts.max_seq, "block_length": opts.block_length,
               "page_size": opts.page_size, "max_pages_total": opts.max_batch * -(-opts.max_seq // opts.page_size),
-              "num_layers": cfg.num_hidden_layers, "num_kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim}
+              "num_layers": cfg.num_hidden_layers, "num_kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+              "num_kv_heads_per_rank": cfg.num_key_value_heads // opts.tp}
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "stage": "onnx",
         "model": {"name": opts.model.name, "content_hash": model_hash, "architecture": "NemotronLabsDiffusionModel",
@@ -201,6 +216,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
                              "lora": ENGINE_KINDS[k].has_lora,
                              "pass_kinds": [p.value for p in ENGINE_KINDS[k].pass_kinds]} for k in kinds},
         "unified_graph": files["unified"]["plugin"],
+        "tensor_parallel": tensor_parallel_section(opts.tp),
         "shapes": shapes,
         "kv_cache": {"layout": "[num_layers, num_pages, page_size, num_kv_heads, head_dim]", "dtype": "float32",
                      "quantization": recipe.kv_cache},
@@ -236,9 +252,32 @@ def _compile(root: Path, manifest: dict[str, Any], layout: str) -> dict[str, Any
     if TARGET_ARCH[manifest["target"]] != arch:
         print(f"warning: --target {manifest['target']} is {TARGET_ARCH[manifest['target']]} but this GPU is {arch}; "
               f"TensorRT engines run only on the GPU architecture they were built on", file=sys.stderr)
-    shapes = manifest["shapes"]
-    return build_engines(root / "onnx", root / "trt", list(manifest["engine_kinds"]), shapes,
-                         shapes["num_layers"], layout)
+    return _build_all_ranks(root, root / "trt", manifest, layout)
+
+
+def _build_all_ranks(root: Path, trt_dir: Path, manifest: dict[str, Any], layout: str) -> dict[str, Any]:
+    """One engine set per rank's graph set (``trt/`` at tp 1, ``trt/rank<r>/`` under --tp)."""
+    shapes, section = manifest["shapes"], manifest.get("tensor_parallel", tensor_parallel_section(1))
+    if section["size"] == 1:
+        return build_engines(root / "onnx", trt_dir, list(manifest["engine_kinds"]), shapes, shapes["num_layers"],
+                             layout)
+    ranks = []
+    for rank, graphs in enumerate(section["graph_dirs"]):
+        sub = Path(graphs).name
+        ranks.append(build_engines(root / graphs, trt_dir / sub, list(manifest["engine_kinds"]), shapes,
+                                   shapes["num_layers"], layout, plan_prefix=f"trt/{sub}/", num_ranks=section["size"]))
+    return {"layout": layout, "version": ranks[0]["version"], "ranks": ranks}
+
+
+def tensor_parallel_section(tp: int) -> dict[str, Any]:
+    """The manifest's ``tensor_parallel`` section: the size and each rank's graph directory."""
+    if tp == 1:
+        return {"size": 1, "graph_dirs": ["onnx"]}
+    return {"size": tp, "graph_dirs": [f"onnx/{rank_dir_name(r)}" for r in range(tp)],
+            "split": "q/k/v/gate/up by output rows, o/down by input columns (all-reduce after each), embedding "
+                     "and diffusion_head by vocabulary rows (embedding all-reduced), drafter lora_A by columns",
+            "logits": "each rank's graphs return their vocabulary slice; the runtime gathers them on rank 0",
+            "kv_cache": "each rank's pool holds num_kv_heads_per_rank heads of the same pages"}
 
 
 def finish_from_onnx(engine_dir: Path, layout: str = "shared", log: Callable[[str], None] | None = None
@@ -252,8 +291,7 @@ def finish_from_onnx(engine_dir: Path, layout: str = "shared", log: Callable[[st
     tmp = engine_dir / f"trt.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     say(f"TensorRT: compiling {', '.join(manifest['engine_kinds'])} ({layout} layout)")
-    section = build_engines(engine_dir / "onnx", tmp, list(manifest["engine_kinds"]), manifest["shapes"],
-                            manifest["shapes"]["num_layers"], layout)
+    section = _build_all_ranks(engine_dir, tmp, manifest, layout)
     final = engine_dir / "trt"
     if final.exists():
         shutil.rmtree(final)

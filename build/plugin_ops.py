@@ -62,8 +62,58 @@ def register_onnx_schemas() -> None:
         outputs=[P("k_pool_out", "TP", "k_pool, updated (aliased)"), P("v_pool_out", "TP", "v_pool, updated")],
         type_constraints=[("T", FLOAT_TYPES, "activations"), ("TP", POOL_TYPES, "KV pool")],
         attributes=plugin_attrs)
+    collective = defs.OpSchema(
+        TRT_COLLECTIVE, "", 1, "TensorRT's NCCL collective (IDistCollectiveLayer); here: the tensor-parallel sum.",
+        inputs=[P("input", "T", "this rank's partial sum")], outputs=[P("output", "T", "the sum over the ranks")],
+        type_constraints=[("T", FLOAT_TYPES, "activations")],
+        attributes=[A("collective_operation", AT.STRING, "all_reduce"), A("reduce_op", AT.STRING, "sum"),
+                    A("root", AT.INT, "-1: no root"), A("nb_rank", AT.INT, "ranks"),
+                    A("group_size", AT.INT, "ranks", required=False),
+                    A("groups", AT.INTS, "participating ranks", required=False)])
     defs.register_schema(attention)
     defs.register_schema(append)
+    if not defs.has(TRT_COLLECTIVE):
+        defs.register_schema(collective)
+
+
+# ---- tensor-parallel all-reduce ----------------------------------------------------------------------------
+
+# The plugin form's all-reduce is TensorRT's own NCCL collective (TensorRT >= 11: the ONNX parser turns a
+# default-domain ``DistCollective`` node into an IDistCollectiveLayer; attributes as Polygraphy's TP sharding
+# writes them). The reference form's is a contrib op run by onnxruntime-extensions through this process's TPComm.
+TRT_COLLECTIVE = "DistCollective"
+REFERENCE_ALL_REDUCE = "tp_all_reduce"
+COLLECTIVE_OPSET = {"plugin": None, "reference": (CONTRIB_DOMAIN, 1)}  # opset import each form needs
+
+
+def collective_node(form: str, rank: int, world_size: int) -> tuple[str, str, dict]:
+    """(op type, domain, attributes) of a sum all-reduce over ``world_size`` ranks in graph form ``form``."""
+    if form == "plugin":
+        return TRT_COLLECTIVE, "", {"collective_operation": "all_reduce", "reduce_op": "sum", "root": -1,
+                                    "nb_rank": world_size, "group_size": world_size,
+                                    "groups": list(range(world_size))}
+    return REFERENCE_ALL_REDUCE, CONTRIB_DOMAIN, {"rank": rank, "world_size": world_size}
+_TP_COMMS: dict[int, object] = {}  # rank -> TPComm (one per process; one per thread in the thread-rank tests)
+
+
+def register_tp_comm(comm) -> None:
+    """Make ``comm`` the communicator of the reference graphs of rank ``comm.rank`` in this process."""
+    _TP_COMMS[comm.rank] = comm
+
+
+def unregister_tp_comm(comm) -> None:
+    if _TP_COMMS.get(comm.rank) is comm:
+        del _TP_COMMS[comm.rank]
+
+
+def _reference_all_reduce(x: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    import torch
+
+    comm = _TP_COMMS.get(rank)
+    if comm is None or comm.world_size != world_size:
+        raise RuntimeError(f"tp_all_reduce: no tensor-parallel communicator of rank {rank}/{world_size} is "
+                           f"registered in this process (the executor registers it: register_tp_comm)")
+    return comm.all_reduce(torch.from_numpy(np.array(x, dtype=np.float32, copy=True))).numpy()
 
 
 # ---- contrib form (onnxruntime + onnxruntime-extensions) -------------------------------------------------------
@@ -100,17 +150,28 @@ def register_ort_contrib_ops() -> None:
         kv_append_reference(k_new, v_new, k_out, v_out, slots)
         return k_out.numpy(), v_out.numpy()
 
+    @onnx_op(op_type=REFERENCE_ALL_REDUCE, inputs=[f], outputs=[f], attrs={"rank": i64, "world_size": i64})
+    def _all_reduce(x, **attrs):
+        return _reference_all_reduce(x, int(attrs["rank"]), int(attrs["world_size"]))
+
     _ORT_REGISTERED = True
 
 
-def contrib_form(model):
-    """A copy of a plugin-form model with the plugin nodes in ``ai.onnx.contrib`` (for onnxruntime-extensions)."""
+def contrib_form(model, tp_rank: int = 0):
+    """A copy of a plugin-form model with the plugin nodes in ``ai.onnx.contrib`` (for onnxruntime-extensions);
+    the ``DistCollective`` all-reduces of a ``--tp`` graph become rank ``tp_rank``'s contrib all-reduce."""
     from onnx import helper
 
     out = copy.deepcopy(model)
 
     def convert(graph) -> None:
         for node in graph.node:
+            if node.op_type == TRT_COLLECTIVE and node.domain == "":
+                world = next(a.i for a in node.attribute if a.name == "nb_rank")
+                node.op_type, node.domain = REFERENCE_ALL_REDUCE, CONTRIB_DOMAIN
+                del node.attribute[:]
+                node.attribute.extend([helper.make_attribute("rank", tp_rank),
+                                       helper.make_attribute("world_size", world)])
             if node.domain == PLUGIN_NAMESPACE:
                 node.domain = CONTRIB_DOMAIN
                 keep = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
@@ -127,7 +188,7 @@ def contrib_form(model):
     return out
 
 
-def contrib_session(model, threads: int = 1):
+def contrib_session(model, threads: int = 1, tp_rank: int = 0):
     """An onnxruntime session running a plugin-form model through its contrib form."""
     import onnxruntime as ort
     from onnxruntime_extensions import get_library_path
@@ -137,4 +198,4 @@ def contrib_session(model, threads: int = 1):
     so.register_custom_ops_library(get_library_path())
     so.intra_op_num_threads = threads
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    return ort.InferenceSession(contrib_form(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(contrib_form(model, tp_rank).SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -60,17 +60,38 @@ def profile_shapes(kind: str, manifest_shapes: dict[str, int], num_layers: int) 
         "query_start": ((2,), (n_opt + 1,), (b + 1,)),
         "logits_index": ((1,), (t_opt,), (t_max,)),
     }
-    pool = lambda n: (n, page, manifest_shapes["num_kv_heads"], manifest_shapes["head_dim"])  # noqa: E731
+    heads = manifest_shapes.get("num_kv_heads_per_rank", manifest_shapes["num_kv_heads"])  # --tp: this rank's
+    pool = lambda n: (n, page, heads, manifest_shapes["head_dim"])  # noqa: E731
     for layer in range(num_layers):
         for which in "kv":
             shapes[f"{which}_pool.{layer}"] = (pool(1), pool(total_pages), pool(total_pages))
     return shapes
 
 
+def _check_collectives(trt, network, num_ranks: int, path: Path, expected: int) -> None:
+    """A --tp graph's all-reduces must have become multi-device DistCollective layers of ``num_ranks``."""
+    kind = getattr(trt.LayerType, "DIST_COLLECTIVE", None)
+    if kind is None:
+        raise RuntimeError(f"TensorRT {trt.__version__} has no DistCollective layer; --tp engines need TensorRT 11")
+    found = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == kind:
+            layer.__class__ = trt.IDistCollectiveLayer  # the Python API hands out ILayer; this is its real type
+            if layer.num_ranks != num_ranks:
+                layer.num_ranks = num_ranks
+            found += 1
+    if found != expected:
+        raise RuntimeError(f"{path.name}: {found} DistCollective layers after parsing, expected {expected} "
+                           f"(one per row-parallel layer and the embedding)")
+
+
 def build_engines(onnx_dir: Path, out_dir: Path, kinds: list[str], shapes: dict[str, int], num_layers: int,
-                  layout: str = "shared", workspace_gb: float = 8.0) -> dict[str, Any]:
+                  layout: str = "shared", workspace_gb: float = 8.0, plan_prefix: str = "trt/",
+                  num_ranks: int = 1) -> dict[str, Any]:
     """Compile the graphs of ``onnx_dir`` into ``out_dir`` (``engine.plan`` or ``<kind>.plan``, ``timing.cache``);
-    returns the manifest's ``tensorrt`` section (files, profiles per kind, versions)."""
+    returns the manifest's ``tensorrt`` section (files, profiles per kind, versions). ``num_ranks`` > 1: one
+    rank's graph set of a ``--tp`` build, whose all-reduce nodes become NCCL ``DistCollective`` layers."""
     import tensorrt as trt
 
     from ..plugins import register_tensorrt_plugins
@@ -96,6 +117,8 @@ def build_engines(onnx_dir: Path, out_dir: Path, kinds: list[str], shapes: dict[
         if not parser.parse_from_file(str(path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"TensorRT's ONNX parser rejected {path.name}: {errors}")
+        if num_ranks > 1:
+            _check_collectives(trt, network, num_ranks, path, expected=2 * num_layers + 1)
         return network
 
     def add_profile(network, kind: str) -> int:
@@ -120,7 +143,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, kinds: list[str], shapes: dict[
             raise RuntimeError(f"TensorRT failed to build {plan_name} (see the log above)")
         (out_dir / plan_name).write_bytes(bytes(serialized))
         for kind, index in profiles.items():
-            result["engines"][kind] = {"plan": f"trt/{plan_name}", "profile": index}
+            result["engines"][kind] = {"plan": f"{plan_prefix}{plan_name}", "profile": index}
         config = builder.create_builder_config()  # a fresh config (profiles) for the next plan, same cache
         config.set_timing_cache(cache, ignore_mismatch=False)
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))

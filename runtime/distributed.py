@@ -235,6 +235,7 @@ def generate_tensor_parallel(args, generate_with) -> int:
     import sys
 
     from .checkpoint import CheckpointError
+    from .engine_dir import EngineDirError
     from .tensor_parallel import load_tensor_parallel
 
     where = ""
@@ -252,7 +253,17 @@ def generate_tensor_parallel(args, generate_with) -> int:
         return fail(str(e), 1)
     where = "" if comm.is_leader else f"(rank {comm.rank}) "
     try:
-        loaded = load_tensor_parallel(args.model, comm, dtype=args.dtype)
+        if getattr(args, "engine", None):  # a `build_engine.py --tp N` directory: each rank runs its graph set
+            from .engine_dir import open_engine_tensor_parallel
+
+            if args.executor != "onnxruntime":
+                raise TensorParallelConfigError(f"--engine with --tp runs each rank's graphs with the onnxruntime "
+                                                f"executor, not {args.executor!r}")
+            loaded = open_engine_tensor_parallel(args.engine, comm)
+        else:
+            loaded = load_tensor_parallel(args.model, comm, dtype=args.dtype)
+    except EngineDirError as e:
+        return fail(f"--engine: {e}", 2)
     except CheckpointError as e:
         return fail(f"--model: {e}", 2)
     except TensorParallelConfigError as e:

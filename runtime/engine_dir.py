@@ -141,19 +141,32 @@ def current_plugin_versions() -> dict[str, str]:
     return {"paged_attention": "1", "kv_append": "1"}
 
 
+def tensor_parallel_size(manifest: dict[str, Any]) -> int:
+    """The number of ranks an engine directory was built for (``build_engine.py --tp``; 1 for older builds)."""
+    return int(manifest.get("tensor_parallel", {}).get("size", 1))
+
+
+def graph_dir(manifest: dict[str, Any], rank: int = 0) -> str:
+    """The directory (relative to the engine directory) holding rank ``rank``'s ONNX graphs."""
+    dirs = manifest.get("tensor_parallel", {}).get("graph_dirs", ["onnx"])
+    return dirs[rank]
+
+
 def engine_checkpoint(directory: str | Path) -> Path:
     return Path(directory) / "checkpoint"
 
 
-def _placeholder_model(checkpoint: Path):
+def _placeholder_model(checkpoint: Path, tp: int = 1):
     """An ``NLDModel`` of the checkpoint's config whose tensors are allocated but never written or read: what
-    ``TriModeLM`` needs (config, dtype, device) when an engine executor computes (untouched pages stay
-    non-resident)."""
+    ``TriModeLM`` needs (config, dtype, device, the KV heads this rank holds) when an engine executor
+    computes (untouched pages stay non-resident)."""
     from .checkpoint import load_config
     from .model import NLDModel, on_meta_device
 
     with on_meta_device():
         model = NLDModel(load_config(checkpoint))
+    for layer in model.encoder.layers:
+        layer.self_attn.hkv //= tp  # the pool holds this rank's share of the KV heads
     return model.to_empty(device="cpu").float().eval()
 
 
@@ -167,6 +180,8 @@ def open_engine(directory: str | Path, executor: str = "onnxruntime", num_pages:
 
     directory = Path(directory)
     manifest = check_engine_dir(directory, page_size=page_size)
+    if tensor_parallel_size(manifest) != 1:
+        raise EngineMismatch("tensor_parallel.size", tensor_parallel_size(manifest), 1, directory)
     page_size = manifest["shapes"]["page_size"]
     ckpt = engine_checkpoint(directory)
     if executor == "torch":
@@ -185,6 +200,42 @@ def open_engine(directory: str | Path, executor: str = "onnxruntime", num_pages:
                    max_batch_size=max_batch_size, executor=factory)
     lm.engine_manifest = manifest
     return lm
+
+
+def open_engine_tensor_parallel(directory: str | Path, comm, num_pages: int = 512, page_size: int | None = None,
+                                max_batch_size: int = 64, **executor_kwargs):
+    """This rank's part of a ``--tp N`` engine directory, run by the onnxruntime executor on its graph set.
+    Rank 0 gets a ``TriModeLM`` (close it with ``lm.executor.close()``), the other ranks a
+    ``TensorParallelWorker`` (call ``serve()``), as ``tensor_parallel.load_tensor_parallel``."""
+    from .api import TriModeLM
+    from .checkpoint import load_tokenizer
+    from .onnx_executor import OnnxRuntimeExecutor
+    from .tensor_parallel import MirrorCache, TensorParallelExecutor, TensorParallelWorker, handshake
+
+    directory = Path(directory)
+    manifest = check_engine_dir(directory, page_size=page_size)
+    tp = tensor_parallel_size(manifest)
+    if tp != comm.world_size:
+        raise EngineMismatch("tensor_parallel.size", tp, comm.world_size, directory)
+    page_size = manifest["shapes"]["page_size"]
+    ckpt = engine_checkpoint(directory)
+    model = _placeholder_model(ckpt, tp)
+    cfg = model.config
+
+    def executor(model, cache):  # noqa: ANN001
+        return OnnxRuntimeExecutor(directory, cache, check=False, comm=comm, **executor_kwargs)
+
+    if comm.is_leader:
+        lm = TriModeLM(model, load_tokenizer(ckpt, cfg), num_pages=num_pages, page_size=page_size,
+                       max_batch_size=max_batch_size,
+                       executor=lambda model, cache: TensorParallelExecutor(executor(model, cache), comm))
+        lm.engine_manifest = manifest
+        cache = lm.cache
+    else:
+        cache = MirrorCache(cfg.num_hidden_layers, cfg.num_key_value_heads // tp, cfg.head_dim, num_pages, page_size)
+        worker = TensorParallelWorker(model, cache, executor(model, cache), comm)
+    handshake(comm, cfg, cache)
+    return lm if comm.is_leader else worker
 
 
 def load_engine_model(checkpoint: Path):

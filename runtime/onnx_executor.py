@@ -7,6 +7,11 @@ copied. The weights are read once (memory-mapped from ``onnx/weights.bin``) and 
 shared initializers (``SessionOptions.add_initializer``), so they are resident once whatever the number of
 kinds loaded. A forward whose passes need several kinds (e.g. AR decode and a draft in one batch) runs one
 session per kind; passes of one sequence never span two kinds, so the order does not matter.
+
+Tensor parallelism (an engine built with ``--tp N``): each rank runs its own graph set
+(``onnx/rank<r>/``) on its share of the KV heads; the graphs' all-reduces are contrib ops that call this
+process's ``TPComm`` (onnxruntime-extensions), and the ranks' vocabulary slices of the logits are gathered to
+rank 0 after the forward. Every rank runs the same passes in the same order, so the collectives match.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 
 from ..build.engine_kinds import PASS_TO_KIND  # which engine kind serves each pass kind
-from .engine_dir import check_engine_dir
+from .engine_dir import EngineMismatch, check_engine_dir, graph_dir, tensor_parallel_size
 from .executor import Executor, register_executor
 from .kv_cache import PagedKVCache
 from .passes import SeqPass
@@ -128,11 +133,19 @@ def _shared_arena() -> None:
 
 
 class _KindSession:
-    def __init__(self, kind: str, path: Path, shared: SharedInitializers, threads: int | None) -> None:
+    def __init__(self, kind: str, path: Path, shared: SharedInitializers, threads: int | None,
+                 collectives: bool = False) -> None:
         import onnxruntime as ort
 
         _shared_arena()
         so = ort.SessionOptions()
+        if collectives:  # the tensor-parallel all-reduce contrib op (build/plugin_ops.py)
+            from onnxruntime_extensions import get_library_path
+
+            from ..build.plugin_ops import register_ort_contrib_ops
+
+            register_ort_contrib_ops()
+            so.register_custom_ops_library(get_library_path())
         so.add_session_config_entry("session.use_env_allocators", "1")
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # fp32 math for int4 weights
         so.add_session_config_entry("session.disable_prepacking", "1")  # prepacked copies would be per session
@@ -153,10 +166,15 @@ class OnnxRuntimeExecutor(Executor):
     """Runs passes through the reference-form graphs of an engine directory (see the module docstring)."""
 
     def __init__(self, engine_dir: str | Path, cache: PagedKVCache, model=None, kinds: Sequence[str] | None = None,
-                 threads: int | None = None, check: bool = True) -> None:
+                 threads: int | None = None, check: bool = True, comm=None) -> None:
         self.engine_dir = Path(engine_dir)
         self.manifest = check_engine_dir(self.engine_dir, page_size=cache.page_size) if check else None
         manifest = self.manifest or check_engine_dir(self.engine_dir, verify_hashes=False)
+        tp = tensor_parallel_size(manifest)
+        world = comm.world_size if comm is not None else 1
+        if tp != world:
+            raise EngineMismatch("tensor_parallel.size", tp, world, self.engine_dir)
+        self.comm = comm if world > 1 else None
         if cache.k_pool.dtype != torch.float32 or cache.k_pool.device.type != "cpu" or not cache.k_pool.is_contiguous():
             raise ValueError(f"the onnxruntime executor needs a contiguous float32 CPU KV pool, got "
                              f"{cache.k_pool.dtype} on {cache.k_pool.device}")
@@ -164,10 +182,14 @@ class OnnxRuntimeExecutor(Executor):
         threads = threads or int(os.environ.get("TRIMODE_ORT_THREADS", "0")) or None
         available = manifest["engine_kinds"]
         wanted = list(kinds) if kinds is not None else list(available)
-        onnx_dir = self.engine_dir / "onnx"
+        onnx_dir = self.engine_dir / graph_dir(manifest, comm.rank if self.comm else 0)
+        if self.comm is not None:
+            from ..build.plugin_ops import register_tp_comm
+
+            register_tp_comm(self.comm)
         self.shared = SharedInitializers(onnx_dir)
-        self.sessions = {k: _KindSession(k, onnx_dir / available[k]["reference"], self.shared, threads)
-                         for k in wanted}
+        self.sessions = {k: _KindSession(k, onnx_dir / available[k]["reference"], self.shared, threads,
+                                         collectives=self.comm is not None) for k in wanted}
 
     def _session_for(self, kind: str) -> _KindSession:
         if kind in self.sessions:
@@ -189,7 +211,12 @@ class OnnxRuntimeExecutor(Executor):
 
     @torch.no_grad()
     def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]:
-        return run_by_engine_kind(passes, self._run_kind)
+        out = run_by_engine_kind(passes, self._run_kind)
+        if self.comm is None:
+            return out
+        # each rank holds a vocabulary slice: rank 0 gets the full rows (the others keep their slice)
+        full = self.comm.gather_cat(torch.cat(out), dim=-1)
+        return list(full.split([p.num_logits for p in passes]))
 
     def _run_kind(self, kind: str, batch: list[SeqPass]) -> torch.Tensor:
         s = self._session_for(kind)

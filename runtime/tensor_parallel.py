@@ -263,8 +263,9 @@ class TensorParallelExecutor(Executor):
 class TensorParallelWorker:
     """A rank > 0: runs rank 0's steps on its shard until rank 0 closes."""
 
-    def __init__(self, model: TensorParallelNLDModel, cache: MirrorCache, executor: Executor) -> None:
-        self.model, self.cache, self.executor, self.comm = model, cache, executor, model.comm
+    def __init__(self, model: NLDModel, cache: MirrorCache, executor: Executor, comm: TPComm | None = None) -> None:
+        self.model, self.cache, self.executor = model, cache, executor
+        self.comm = comm if comm is not None else model.comm
         self.num_steps = 0
 
     def serve(self, on_step: Callable[[int], None] | None = None) -> None:
@@ -305,17 +306,17 @@ def load_tensor_parallel(path: str | Path, comm: TPComm, dtype: str | torch.dtyp
         cache = MirrorCache(cfg.num_hidden_layers, model.encoder.layers[0].self_attn.hkv, cfg.head_dim, num_pages,
                             page_size, dtype=p.dtype, device=p.device)
         worker = TensorParallelWorker(model, cache, make_executor(executor, model=model, cache=cache))
-    _handshake(comm, [cfg.num_hidden_layers, cfg.vocab_size, cfg.hidden_size, num_pages, page_size,
-                      _DTYPE_CODES.index(cache.k_pool.dtype)])
+    handshake(comm, cfg, cache)
     return lm if comm.is_leader else worker
 
 
 _DTYPE_CODES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _handshake(comm: TPComm, values: list[int]) -> None:
+def handshake(comm: TPComm, cfg: ModelConfig, cache: PagedKVCache) -> None:
     """Every rank has loaded its shard and agrees on the model and the pool geometry."""
-    everyone = comm.all_gather_ints(values)
+    everyone = comm.all_gather_ints([cfg.num_hidden_layers, cfg.vocab_size, cfg.hidden_size, cache.num_pages,
+                                     cache.page_size, _DTYPE_CODES.index(cache.k_pool.dtype)])
     if any(v != everyone[0] for v in everyone):
         names = ["layers", "vocab", "hidden", "num_pages", "page_size", "dtype"]
         raise TensorParallelConfigError("the ranks were started with different models or cache settings: " + "; ".join(

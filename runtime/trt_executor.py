@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .engine_dir import check_engine_dir
+from .engine_dir import check_engine_dir, tensor_parallel_size
 from .executor import Executor, register_executor
 from .kv_cache import PagedKVCache
 from .onnx_executor import graph_feeds, run_by_engine_kind
@@ -50,6 +50,12 @@ class TensorRTExecutor(Executor):
             raise ValueError(f"engine directory {self.engine_dir} has no TensorRT engines (stage "
                              f"{manifest['stage']!r}): finish it with scripts/build_engine.py --from-onnx "
                              f"{self.engine_dir}")
+        if tensor_parallel_size(manifest) > 1:
+            raise ValueError(f"engine directory {self.engine_dir} holds {tensor_parallel_size(manifest)} ranks' engines; "
+                             f"the TensorRT executor runs single-rank engines only (a --tp engine's DistCollective "
+                             f"layers need an NCCL communicator per context, IExecutionContext.set_communicator, "
+                             f"which this runtime does not create yet): run it with the onnxruntime executor, or "
+                             f"build with --tp 1")
         if cache.k_pool.device.type != "cuda":
             raise ValueError("the TensorRT executor needs the KV pool on a CUDA device")
         register_tensorrt_plugins()

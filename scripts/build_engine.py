@@ -6,8 +6,11 @@ TensorRT engines where TensorRT and a GPU exist, and write the manifest last.
     python scripts/build_engine.py --from-onnx engines/tiny-kjv-fp8        # on a GPU host: TensorRT stage only
 
 Without TensorRT (CPU machines) the build stops after the ONNX stage and prints the command that finishes it.
-``--target spark`` selects w4a16 and prints a memory budget for 128 GB of unified memory. Errors are one line
-(exit status 2); the last stdout line is a JSON summary.
+``--tp N`` writes one graph set (and, with TensorRT, one engine set) per tensor-parallel rank, recorded in the
+manifest; run it with ``mpiexec -n N trimode generate --engine DIR --tp N``. Every build prints the per-GPU
+memory budget (weights, KV pages, activations) of the real 3B/8B/14B configs and the given model at ``--tp``
+on the target's GPU (``--gpu-gb``); ``--target spark`` selects w4a16 and budgets 128 GB of unified memory.
+Errors are one line (exit status 2); the last stdout line is a JSON summary.
 """
 
 from __future__ import annotations
@@ -24,21 +27,39 @@ from trimode.runtime.engine_dir import EngineDirError
 
 SPARK_MEMORY_GB = 128.0
 SPARK_RESERVE_GB = 16.0  # the OS and the CPU side of the unified memory
+TARGET_GPU_GB = {"hopper": 80.0, "blackwell": 180.0, "spark": SPARK_MEMORY_GB}  # H100, B200, DGX Spark
+RECIPE_DTYPES = {"none": ("bfloat16", "bfloat16"), "fp8": ("fp8", "bfloat16"), "fp8-kv": ("fp8", "fp8"),
+                 "w4a16": ("int4", "bfloat16")}  # (linear weights, KV cache) in the memory planner's terms
 
 
-def spark_budget(model_dir: Path, opts: BuildOptions) -> list[str]:
-    """Weights / KV pages / activations within 128 GB unified memory, for 3B/8B/14B and the given model."""
-    from trimode.build.memory_planner import REFERENCE_CONFIGS, plan_memory
+def memory_budget(model_dir: Path, opts: BuildOptions, gpu_gb: float | None = None) -> list[str]:
+    """Per-GPU weights / KV pages / activations at ``--tp`` for 3B/8B/14B and the given model."""
+    from trimode.build.memory_planner import REFERENCE_CONFIGS, plan_memory, smallest_tp
     from trimode.runtime.checkpoint import load_config
+    from trimode.runtime.distributed import TensorParallelConfigError
 
+    spark = opts.target == "spark"
+    gpu_gb = gpu_gb or TARGET_GPU_GB[opts.target]
+    reserve = SPARK_RESERVE_GB if spark else 2.0
+    dtype, kv_dtype = RECIPE_DTYPES[opts.recipe_name]
     configs = dict(REFERENCE_CONFIGS)
     configs[model_dir.name] = load_config(model_dir)
-    lines = [f"DGX Spark memory budget: {SPARK_MEMORY_GB:g} GiB unified, {SPARK_RESERVE_GB:g} GiB kept for the OS/CPU, "
-             f"w4a16 weights, bf16 KV, page {opts.page_size}, {opts.max_batch} x {opts.max_seq} tokens per forward"]
+    where = (f"DGX Spark: {gpu_gb:g} GiB unified, {reserve:g} GiB kept for the OS/CPU" if spark else
+             f"--target {opts.target}: {gpu_gb:g} GiB per GPU, --tp {opts.tp}")
+    lines = [f"memory budget per GPU ({where}); {dtype} weights, {kv_dtype} KV, page {opts.page_size}, "
+             f"{opts.max_batch} x {opts.max_seq} tokens per forward"]
+    kw = dict(page_size=opts.page_size, context_length=opts.max_seq, max_num_tokens=opts.max_batch * opts.max_seq,
+              reserve_gb=reserve)
     for name, cfg in configs.items():
-        plan = plan_memory(cfg, 1, "int4", "bfloat16", SPARK_MEMORY_GB, opts.page_size, opts.max_seq,
-                           max_num_tokens=opts.max_batch * opts.max_seq, reserve_gb=SPARK_RESERVE_GB, model_name=name)
+        try:
+            plan = plan_memory(cfg, opts.tp, dtype, kv_dtype, gpu_gb, model_name=name, **kw)
+        except TensorParallelConfigError as e:
+            lines.append(f"{name}: --tp {opts.tp} cannot split it ({e})")
+            continue
         lines.append(plan.format())
+        if not plan.fits:
+            need = smallest_tp(cfg, dtype=dtype, kv_dtype=kv_dtype, gpu_memory_gb=gpu_gb, **kw)
+            lines.append(f"  -> needs --tp {need}" if need else "  -> does not fit at any tensor-parallel size")
     return lines
 
 
@@ -56,6 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq", type=int, default=4096)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--target", default="hopper", help=f"GPU target: {', '.join(TARGETS)}")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: one graph/engine set per rank")
+    p.add_argument("--gpu-gb", type=float, default=None,
+                   help="memory per GPU for the budget (default by target: " +
+                        ", ".join(f"{k} {v:g}" for k, v in TARGET_GPU_GB.items()) + ")")
     p.add_argument("--layout", default="shared", help=f"TensorRT engine layout: {', '.join(LAYOUTS)}")
     p.add_argument("--calib-file", type=Path, help="calibration text file (default: the checkpoint's heldout.txt)")
     p.add_argument("--calib-text", help="calibration text given inline")
@@ -78,16 +103,16 @@ def main(argv: list[str] | None = None) -> int:
                                 block_length=a.block_length, max_batch=a.max_batch, max_seq=a.max_seq,
                                 page_size=a.page_size, target=a.target, layout=a.layout, calib_file=a.calib_file,
                                 calib_text=a.calib_text, calib_samples=a.calib_samples,
-                                calib_seq_len=a.calib_seq_len, quantize_head=a.quantize_head,
+                                calib_seq_len=a.calib_seq_len, quantize_head=a.quantize_head, tp=a.tp,
                                 progress=not a.no_progress)
             manifest = build(opts)
-            if opts.target == "spark":
-                print("\n".join(spark_budget(opts.model, opts)), file=sys.stderr)
+            print("\n".join(memory_budget(opts.model, opts, a.gpu_gb)), file=sys.stderr)
     except (BuildError, EngineDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = {"engine_dir": str(a.from_onnx or a.out), "stage": manifest["stage"],
                "recipe": manifest["recipe"]["name"], "engine_kinds": list(manifest["engine_kinds"]),
+               "tp": manifest.get("tensor_parallel", {}).get("size", 1),
                "seconds": manifest.get("seconds")}
     print(json.dumps(summary))
     return 0

@@ -141,12 +141,31 @@ def test_existing_out_is_up_to_date_or_refused(engine, checkpoints, capsys):
 def test_spark_selects_w4a16_and_budgets_128gb(checkpoints, tmp_path):
     opts = BuildOptions(model=Path(checkpoints["gqa2-yarn-lora"]), out=tmp_path / "o", target="spark")
     assert opts.recipe_name == "w4a16"
-    lines = build_script().spark_budget(opts.model, opts)
+    lines = build_script().memory_budget(opts.model, opts)
     text = "\n".join(lines)
-    assert "128 GiB unified" in lines[0]
+    assert "128 GiB unified" in lines[0] and "int4 weights" in lines[0]
     for name in ("3B", "8B", "14B", "gqa2-yarn-lora"):
         assert f"{name}:" in text
     assert "KV tokens" in text and "weights per GPU" in text and "activations" in text
+
+
+def test_budget_per_gpu_follows_tp(checkpoints, tmp_path):
+    """--target hopper --tp 2 budgets each of two 80 GiB GPUs: half the weights and KV per token of --tp 1."""
+    import re
+
+    script = build_script()
+    base = dict(model=Path(checkpoints["gqa2-yarn-lora"]), out=tmp_path / "o", target="hopper", max_seq=4096)
+    text = {tp: "\n".join(script.memory_budget(base["model"], BuildOptions(**base, tp=tp))) for tp in (1, 2)}
+    assert "80 GiB per GPU, --tp 2" in text[2].splitlines()[0]
+
+    def row(tp, model, label):
+        block = text[tp].split(f"\n{model}: ")[1].split("\n", 1)[1]
+        return float(re.search(rf"{label}\s+([0-9.]+)", block).group(1))
+
+    for model in ("3B", "8B", "14B"):
+        assert f"{model}: " in text[1] and f", tp 2," in text[2].split(f"\n{model}: ")[1].splitlines()[0]
+        assert row(2, model, "weights per GPU") == pytest.approx(row(1, model, "weights per GPU") / 2, rel=0.01)
+        assert row(2, model, "KV per token per GPU") == pytest.approx(row(1, model, "KV per token per GPU") / 2)
 
 
 def test_tensorrt_stage_against_a_stand_in(engine, monkeypatch, tmp_path):

@@ -168,26 +168,31 @@ def test_budget_per_gpu_follows_tp(checkpoints, tmp_path):
         assert row(2, model, "KV per token per GPU") == pytest.approx(row(1, model, "KV per token per GPU") / 2)
 
 
-def test_tensorrt_stage_against_a_stand_in(engine, monkeypatch, tmp_path):
-    """One engine from the unified graph with one optimization profile per kind, the timing cache written, the
-    plugins registered: the control flow of build/trt_compile.py on a fake ``tensorrt``."""
-    import fake_tensorrt
+def _fake_builder(trt, calls: dict) -> None:
+    """Builder / parser / network stand-ins on the fake ``tensorrt`` module; the parser turns the graph's
+    inputs into network inputs and its DistCollective nodes into layers (num_ranks left at 1)."""
 
-    saved = {k: sys.modules.get(k) for k in ("tensorrt", "tensorrt.plugin")}
-    fake_tensorrt.install()
-    trt = sys.modules["tensorrt"]
-    calls = {"profiles": [], "parsed": [], "plugins": 0}
+    class Layer:
+        def __init__(self, type_):
+            self.type, self.num_ranks = type_, 1
 
     class Network:
         def __init__(self):
-            self.inputs = []
+            self.inputs, self.layers = [], []
 
         @property
         def num_inputs(self):
             return len(self.inputs)
 
+        @property
+        def num_layers(self):
+            return len(self.layers)
+
         def get_input(self, i):
             return types.SimpleNamespace(name=self.inputs[i])
+
+        def get_layer(self, i):
+            return self.layers[i]
 
     class Parser:
         def __init__(self, network, logger):
@@ -195,7 +200,10 @@ def test_tensorrt_stage_against_a_stand_in(engine, monkeypatch, tmp_path):
 
         def parse_from_file(self, path):
             calls["parsed"].append(os.path.basename(path))
-            self.network.inputs = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+            graph = onnx.load(path, load_external_data=False).graph
+            self.network.inputs = [i.name for i in graph.input]
+            self.network.layers = [Layer("dist") for n in graph.node if n.op_type == "DistCollective"]
+            calls["layers"] = self.network.layers
             return True
 
     class Profile:
@@ -241,22 +249,41 @@ def test_tensorrt_stage_against_a_stand_in(engine, monkeypatch, tmp_path):
     trt.Builder, trt.OnnxParser = Builder, Parser
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=7)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    trt.LayerType = types.SimpleNamespace(DIST_COLLECTIVE="dist")
+    trt.IDistCollectiveLayer = Layer
     trt.__version__ = "11.0-fake"
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch):
+    """A stand-in ``tensorrt`` with a builder for the duration of a test; yields the calls it saw."""
+    import fake_tensorrt
     import trimode.plugins as plugins
 
+    saved = {k: sys.modules.get(k) for k in ("tensorrt", "tensorrt.plugin")}
+    fake_tensorrt.install()
+    calls = {"profiles": [], "parsed": [], "plugins": 0}
+    _fake_builder(sys.modules["tensorrt"], calls)
     monkeypatch.setattr(plugins, "register_tensorrt_plugins", lambda: calls.__setitem__("plugins", 1))
     try:
-        from trimode.build.trt_compile import build_engines
-
-        m = read_manifest(engine)
-        section = build_engines(engine / "onnx", tmp_path / "trt", list(m["engine_kinds"]), m["shapes"],
-                                m["shapes"]["num_layers"], "shared")
+        yield calls
     finally:
         for k, v in saved.items():
             if v is None:
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+
+
+def test_tensorrt_stage_against_a_stand_in(engine, fake_trt, tmp_path):
+    """One engine from the unified graph with one optimization profile per kind, the timing cache written, the
+    plugins registered: the control flow of build/trt_compile.py on a fake ``tensorrt``."""
+    from trimode.build.trt_compile import build_engines
+
+    calls = fake_trt
+    m = read_manifest(engine)
+    section = build_engines(engine / "onnx", tmp_path / "trt", list(m["engine_kinds"]), m["shapes"],
+                            m["shapes"]["num_layers"], "shared")
     assert calls["plugins"] == 1 and calls["parsed"] == ["unified.plugin.onnx"]
     assert (tmp_path / "trt" / "engine.plan").read_bytes() == b"plan"
     assert (tmp_path / "trt" / "timing.cache").read_bytes() == b"timing"
@@ -266,3 +293,30 @@ def test_tensorrt_stage_against_a_stand_in(engine, monkeypatch, tmp_path):
     assert decode["input_ids"][2] == (4,) and prefill["input_ids"][2] == (4 * 256,)
     assert calls["profiles"][2].shapes["input_ids"][2] == (4 * 9,)  # draft: a block (+1) per sequence
     assert "k_pool.0" in decode and "is_causal" not in decode
+
+
+def test_tensorrt_stage_builds_one_engine_set_per_rank(checkpoints, fake_trt, tmp_path):
+    """--tp 2: each rank's unified graph is compiled into trt/rank<r>/, its 2L+1 DistCollective layers set to
+    2 ranks, its KV pool profile on its share of the heads; the manifest lists every rank's plans."""
+    from trimode.build.pipeline import build, finish_from_onnx
+
+    out = tmp_path / "tp2"
+    build(BuildOptions(model=Path(checkpoints["gqa2-yarn-lora"]), out=out, tp=2, block_length=4, max_batch=4,
+                       max_seq=64, page_size=4, progress=False), log=lambda _: None)
+    import trimode.build.pipeline as pipeline
+
+    pipeline_status = pipeline.tensorrt_status
+    pipeline.tensorrt_status = lambda: (True, "ok")
+    try:
+        m = finish_from_onnx(out, log=lambda _: None)
+    finally:
+        pipeline.tensorrt_status = pipeline_status
+    assert fake_trt["parsed"] == ["unified.plugin.onnx"] * 2
+    layers = m["shapes"]["num_layers"]
+    assert len(fake_trt["layers"]) == 2 * layers + 1 and {x.num_ranks for x in fake_trt["layers"]} == {2}
+    ranks = m["tensorrt"]["ranks"]
+    assert [r["engines"]["draft"]["plan"] for r in ranks] == ["trt/rank0/engine.plan", "trt/rank1/engine.plan"]
+    assert (out / "trt" / "rank1" / "engine.plan").read_bytes() == b"plan"
+    pool = fake_trt["profiles"][0].shapes["k_pool.0"][2]
+    assert pool[2] == m["shapes"]["num_kv_heads_per_rank"] == m["shapes"]["num_kv_heads"] // 2
+    check_engine_dir(out, verify_hashes="all")  # the manifest was rewritten last, with the new files

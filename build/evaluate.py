@@ -10,6 +10,11 @@
   model's argmax, given the reference's own prefix, is the reference's token (the per-step agreement).
 - ``ppl`` / ``ppl_delta``: perplexity of both models on the evaluation windows (causal, next-token).
 Prompts and windows are cut evenly from the text; pass text the calibration did not see.
+
+``--control`` adds one row that quantizes nothing: the reference checkpoint computed in bfloat16 instead of
+float32 (what a bf16 deployment computes). Its agreement is the floor set by the model's own near-tied logits:
+no quantized model can be expected to agree with the reference much better than the reference agrees with
+itself at another precision.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def compare(reference: NLDModel, quantized: NLDModel, ids: list[int], num_prompt
 
 def main(argv: list[str] | None = None) -> int:
     from ..runtime.checkpoint import load_model, load_tokenizer
-    from .quantized_loader import load_quantized_model
+    from ..runtime.engine_dir import load_engine_model  # quantized (dequantized, Q/DQ simulated) or plain
 
     p = argparse.ArgumentParser(prog="python -m trimode.build.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--reference", type=Path, required=True)
@@ -87,11 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--control", action="store_true", help="also compare the reference computed in bfloat16")
     a = p.parse_args(argv)
-    reference = load_model(a.reference)
+    reference = load_model(a.reference, dtype="float32")
     ids = load_tokenizer(a.reference, reference.config).encode(a.text_file.read_text(encoding="utf-8"))
+    if a.control:
+        result = compare(reference, load_model(a.reference, dtype="bfloat16"), ids, a.num_prompts, a.prompt_len,
+                         a.new_tokens)
+        print(json.dumps({"quantized": "control: reference in bfloat16", **{k: round(v, 4) for k, v in
+                                                                            result.items()}}))
     for q in a.quantized:
-        result = compare(reference, load_quantized_model(q), ids, a.num_prompts, a.prompt_len, a.new_tokens)
+        result = compare(reference, load_engine_model(q), ids, a.num_prompts, a.prompt_len, a.new_tokens)
         print(json.dumps({"quantized": q.as_posix(), **{k: round(v, 4) for k, v in result.items()}}))
     return 0
 

@@ -180,17 +180,30 @@ def init_tensor_parallel(tp: int, backend: str = "auto", timeout_s: float = DEFA
         device = torch.device("cpu")
     if tp == 1:
         return TPComm(0, 1, device, timeout_s)
+    return join_group(launch.rank, tp, launch.master_addr, launch.master_port, backend, timeout_s,
+                      launch.local_world_size, device)
+
+
+def join_group(rank: int, tp: int, master_addr: str, master_port: int, backend: str = "auto",
+               timeout_s: float = DEFAULT_TIMEOUT_S, local_world_size: int | None = None,
+               device: torch.device | None = None) -> TPComm:
+    """Join a tensor-parallel group of ``tp`` ranks as ``rank``, rank 0 listening at master_addr:master_port
+    (a process the launcher did not start, such as the Triton backend, joins as rank 0 this way)."""
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one host share its cores (torch would give each rank all of them)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(launch.local_world_size, 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world_size or tp, 1)))
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                rank=launch.rank, world_size=tp, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=rank, world_size=tp, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
-        raise TensorParallelError(f"tensor-parallel rank {launch.rank}/{tp}: could not join the group at "
-                                  f"{launch.master_addr}:{launch.master_port} within {timeout_s:g} s: "
+        raise TensorParallelError(f"tensor-parallel rank {rank}/{tp}: could not join the group at "
+                                  f"{master_addr}:{master_port} within {timeout_s:g} s: "
                                   f"{str(e).splitlines()[0][:300]}") from None
-    return TPComm(launch.rank, tp, device, timeout_s, dist.group.WORLD)
+    return TPComm(rank, tp, device, timeout_s, dist.group.WORLD)
 
 
 # ---- the command line: `trimode generate --tp N` --------------------------------------------------------

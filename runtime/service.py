@@ -24,6 +24,7 @@ KV admission (``admission``):
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections import deque
@@ -64,7 +65,10 @@ class _Entry:
 
 class EngineService:
     def __init__(self, lm: TriModeLM, max_queued: int = 1024, admission: str = "reserve",
-                 cancel_poll_s: float = 0.02, on_stats: Callable[[dict], None] | None = None) -> None:
+                 cancel_poll_s: float = 0.02, on_stats: Callable[[dict], None] | None = None,
+                 keepalive_s: float | None = None) -> None:
+        """``keepalive_s``: while idle, call ``lm.executor.keepalive()`` at least this often (tensor-parallel
+        rank 0: the workers wait for its next step under a collective timeout)."""
         if admission not in ADMISSION_POLICIES:
             raise ValueError(f"admission must be one of {ADMISSION_POLICIES}, got {admission!r}")
         if max_queued < 1:
@@ -72,6 +76,8 @@ class EngineService:
         self.lm, self.engine, self.cache = lm, lm.engine, lm.cache
         self.max_queued, self.admission, self.cancel_poll_s = max_queued, admission, cancel_poll_s
         self.on_stats = on_stats
+        self.keepalive_s = keepalive_s
+        self._last_step = time.monotonic()
         self._cv = threading.Condition()
         self._inbox: list[tuple[str, object]] = []
         self._closing = False
@@ -133,9 +139,16 @@ class EngineService:
         while True:
             with self._cv:
                 while not self._inbox and not self._closing and not self._has_work():
-                    self._cv.wait()
+                    if self.keepalive_s is None:
+                        self._cv.wait()
+                        continue
+                    self._cv.wait(max(0.0, self._last_step + self.keepalive_s - time.monotonic()))
+                    if time.monotonic() >= self._last_step + self.keepalive_s:
+                        break  # idle too long: tell the workers rank 0 is alive (below, outside the lock)
                 inbox, self._inbox = self._inbox, []
                 closing = self._closing
+            if self.keepalive_s is not None and time.monotonic() >= self._last_step + self.keepalive_s:
+                self._keepalive()
             for op, arg in inbox:
                 if op == "submit":
                     self._accept(*arg)
@@ -150,6 +163,7 @@ class EngineService:
             self._apply_cancellations()
             self._admit()
             if self.engine.has_work:
+                self._last_step = time.monotonic()
                 try:
                     self.engine.step()
                     self._totals["steps"] += 1
@@ -158,6 +172,17 @@ class EngineService:
                 self._apply_cancellations()
             self._collect()
             self._publish_stats()
+
+    def _keepalive(self) -> None:
+        self._last_step = time.monotonic()
+        executor = self.lm.executor
+        if getattr(executor, "is_broken", False) or getattr(executor, "is_closed", False):
+            return
+        try:
+            executor.keepalive()
+        except Exception as e:  # a worker rank is gone: every later step fails, naming this error
+            executor.is_broken = True
+            print(f"trimode: tensor-parallel keepalive failed: {e}", file=sys.stderr, flush=True)
 
     def _has_work(self) -> bool:
         return bool(self._pending or self.engine.has_work)

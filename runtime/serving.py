@@ -81,7 +81,8 @@ def write_repository(out: str | Path, model_dir: str | Path, name: str = DEFAULT
                      max_queued_requests: int = 1024, kv_admission: str = "reserve", max_tokens_limit: int = 4096,
                      default_max_tokens: int = 64, default_mode: str = "spec", dtype: str = "",
                      executor: str = "torch", torch_threads: int = 0, cancel_poll_ms: int = 50,
-                     instance_count: int = 1, copy_model: bool = False) -> Path:
+                     instance_count: int = 1, copy_model: bool = False, tp: int = 1, tp_master: str = "",
+                     tp_timeout: float = 600.0) -> Path:
     """Write ``out/<name>/config.pbtxt`` and ``out/<name>/1/model.py``; returns ``out``.
 
     ``copy_model`` copies the checkpoint into ``out/<name>/1/checkpoint`` (a self-contained repository whose
@@ -99,6 +100,9 @@ def write_repository(out: str | Path, model_dir: str | Path, name: str = DEFAULT
                          ("default_max_tokens", default_max_tokens)):
         if value < 1:
             raise ValueError(f"{label} must be >= 1, got {value}")
+    if tp > 1 and (instance_count != 1 or not tp_master):
+        raise ValueError(f"a tensor-parallel model (tp {tp}) has one instance, rank 0 of the group, and needs "
+                         f"tp_master host:port (got instance_count {instance_count}, tp_master {tp_master!r})")
     if kv_admission not in ADMISSION_POLICIES:
         raise ValueError(f"kv_admission must be one of {ADMISSION_POLICIES}, got {kv_admission!r}")
     if default_mode not in MODES:
@@ -115,6 +119,8 @@ def write_repository(out: str | Path, model_dir: str | Path, name: str = DEFAULT
                   kv_admission=kv_admission, max_tokens_limit=max_tokens_limit,
                   default_max_tokens=default_max_tokens, default_mode=default_mode, torch_threads=torch_threads,
                   cancel_poll_ms=cancel_poll_ms)
+    if tp > 1:
+        params.update(tp=tp, tp_master=tp_master, tp_timeout=tp_timeout)
     (out / name / "config.pbtxt").write_text(config_pbtxt(name, {k: str(v) for k, v in params.items()},
                                                           instance_count))
     (version / "model.py").write_text(MODEL_PY)
@@ -387,6 +393,9 @@ def add_subparsers(sub) -> None:
     s.add_argument("--startup-timeout", type=float, default=180.0)
     s.add_argument("--check", action="store_true", help="start, wait until ready, print the URLs, stop")
     _add_repo_options(s)
+    from .distributed import add_tp_arguments
+
+    add_tp_arguments(s)  # mpiexec -n N trimode serve --tp N --model CKPT
     s.set_defaults(handler=serve_command)
 
 
@@ -397,11 +406,17 @@ def triton_repo_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    tp_master = ""
+    if getattr(args, "tp", 1) > 1:
+        tp_master = _tensor_parallel_launch(args)
+        if tp_master is None:  # a worker rank: served rank 0's steps until the server stopped
+            return 0
     tmp = None
     repo = args.repo
     if repo is None:
         tmp = tempfile.mkdtemp(prefix="trimode-repo-")
-        repo = write_repository(tmp, args.model, **_repo_kwargs(args))
+        extra = dict(tp=args.tp, tp_master=tp_master, tp_timeout=args.tp_timeout) if tp_master else {}
+        repo = write_repository(tmp, args.model, **_repo_kwargs(args), **extra)
     stop = {"now": False}
 
     def on_signal(signum, _frame) -> None:
@@ -413,7 +428,8 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         server.start()
         print(json.dumps({"ready": True, "http": server.http_url, "grpc": server.grpc_url,
-                          "metrics": server.metrics_url, "repository": str(repo), "pid": server.process.pid}),
+                          "metrics": server.metrics_url, "repository": str(repo), "pid": server.process.pid,
+                          "serve_pid": os.getpid()}),
               flush=True)
         while not args.check and not stop["now"] and server.process.poll() is None:
             time.sleep(0.2)
@@ -428,6 +444,45 @@ def serve_command(args: argparse.Namespace) -> int:
             signal.signal(s, h)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tensor_parallel_launch(args: argparse.Namespace) -> str | None:
+    """``serve --tp N`` under mpiexec/torchrun. Launcher rank 0 returns the host:port where the served model
+    (the Triton backend, tensor-parallel rank 0) forms the group; ranks 1..N-1 join it here, load their shards,
+    run rank 0's steps until it releases them (server stopped) and return None. A rank that fails exits."""
+    from .checkpoint import CheckpointError
+    from .distributed import TensorParallelConfigError, TensorParallelError, discover_launch, join_group
+    from .tensor_parallel import check_tensor_parallel, load_tensor_parallel
+
+    if args.repo is not None or args.model is None:
+        raise ServingError("--tp serves a checkpoint: give --model (every rank loads its shard of it)")
+    from .checkpoint import load_config
+
+    try:
+        check_tensor_parallel(load_config(args.model), args.tp)
+    except (CheckpointError, TensorParallelConfigError) as e:
+        raise ServingError(f"--tp {args.tp}: {e}") from None
+    launch = discover_launch()
+    if launch.world_size != args.tp:
+        raise ServingError(f"--tp {args.tp} needs {args.tp} processes but the launcher started {launch.world_size} "
+                           f"({launch.launcher}); launch with `mpiexec -n {args.tp} trimode serve --tp {args.tp} ...`")
+    if launch.rank == 0:
+        return f"{launch.master_addr}:{launch.master_port}"
+    try:
+        comm = join_group(launch.rank, args.tp, launch.master_addr, launch.master_port, args.tp_backend,
+                          args.tp_timeout, launch.local_world_size)
+        if args.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
+        worker = load_tensor_parallel(args.model, comm, dtype=args.dtype or None, num_pages=args.num_pages,
+                                      page_size=args.page_size, max_batch_size=args.max_concurrent_requests,
+                                      executor=args.executor)
+        worker.serve()
+    except (TensorParallelError, CheckpointError) as e:
+        print(f"trimode serve: error: (rank {launch.rank}) {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # no group teardown: it could wait on a dead peer
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

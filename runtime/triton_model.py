@@ -68,6 +68,9 @@ PARAMETERS = {
     "default_mode": ("spec", str),
     "torch_threads": ("0", int),
     "cancel_poll_ms": ("50", int),
+    "tp": ("1", int),            # tensor parallelism: this model is rank 0 of `trimode serve --tp N` (mpiexec)
+    "tp_master": ("", str),      # host:port where rank 0 (this model) forms the group with the worker ranks
+    "tp_timeout": ("600", float),
 }
 
 
@@ -377,18 +380,36 @@ class TritonPythonModel:
         model_dir = Path(p["model_dir"])
         if not model_dir.is_absolute():  # relative to the model's version folder (a self-contained repository)
             model_dir = Path(args["model_repository"]) / args["model_version"] / model_dir
+        import torch
+
         if p["torch_threads"] > 0:
-            import torch
             torch.set_num_threads(p["torch_threads"])
-        self.lm = TriModeLM.from_pretrained(model_dir, dtype=p["dtype"] or None, num_pages=p["num_pages"],
-                                            page_size=p["page_size"], max_batch_size=p["max_concurrent_requests"],
-                                            executor=p["executor"])
+        self.comm, keepalive = None, None
+        if p["tp"] > 1:  # rank 0 of a tensor-parallel group; the workers are `trimode serve --tp N` ranks 1..N-1
+            from .distributed import join_group
+            from .tensor_parallel import load_tensor_parallel
+
+            host, _, port = p["tp_master"].rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"config.pbtxt parameter tp_master must be host:port, got {p['tp_master']!r}")
+            self.comm = join_group(0, p["tp"], host, int(port), timeout_s=p["tp_timeout"])
+            if p["torch_threads"] > 0:
+                torch.set_num_threads(p["torch_threads"])
+            self.lm = load_tensor_parallel(model_dir, self.comm, dtype=p["dtype"] or None, num_pages=p["num_pages"],
+                                           page_size=p["page_size"], max_batch_size=p["max_concurrent_requests"],
+                                           executor=p["executor"])
+            keepalive = p["tp_timeout"] / 4
+        else:
+            self.lm = TriModeLM.from_pretrained(model_dir, dtype=p["dtype"] or None, num_pages=p["num_pages"],
+                                                page_size=p["page_size"], max_batch_size=p["max_concurrent_requests"],
+                                                executor=p["executor"])
         self.model_name = args.get("model_name", "trimode")
         self.instance_name = args.get("model_instance_name", self.model_name)
         self._metrics = self._make_metrics()
         self._last_metrics = 0.0
         self.service = EngineService(self.lm, max_queued=p["max_queued_requests"], admission=p["kv_admission"],
-                                     cancel_poll_s=p["cancel_poll_ms"] / 1000.0, on_stats=self._on_stats)
+                                     cancel_poll_s=p["cancel_poll_ms"] / 1000.0, on_stats=self._on_stats,
+                                     keepalive_s=keepalive)
 
     def _make_metrics(self) -> dict:
         try:
@@ -441,4 +462,9 @@ class TritonPythonModel:
         service = getattr(self, "service", None)
         if service is not None:
             service.close(timeout=5)
+        if getattr(self, "comm", None) is not None:  # release the worker ranks (they exit), then the group
+            try:
+                self.lm.executor.close()
+            except Exception as e:  # a worker already gone: it stops on its own
+                _log_warn(f"trimode: releasing the tensor-parallel workers failed: {e}")
 

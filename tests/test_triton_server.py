@@ -323,3 +323,43 @@ def test_http_health_config_metrics_and_generate_stream(server, lm):
     m = metrics(server.metrics_url)
     assert m["trimode_kv_pages_total"] == NUM_PAGES and m["trimode_kv_pages_used"] == 0
     assert m["trimode_requests_in_flight"] == 0 and m["trimode_requests_completed"] >= 1
+
+
+# ---- tensor parallelism: mpiexec -n 2 trimode serve --tp 2 ------------------------------------------------
+
+def test_two_mpi_ranks_serve_what_one_process_computes(ckpt, lm, tmp_path):
+    """Rank 0 runs tritonserver (its backend model is tensor-parallel rank 0), rank 1 serves its steps. Streams
+    equal the single-process API in every mode, also after idling past the collective timeout (keepalives),
+    and stopping the server releases the worker: the whole job exits 0."""
+    from test_tensor_parallel import _mpiexec
+
+    from trimode.runtime.triton_client import StreamingClient
+
+    _ensure_backend_env()
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "trimode.runtime.cli", "serve", "--tp", "2",
+           "--tp-timeout", "4", "--model", ckpt, "--num-pages", str(NUM_PAGES), "--page-size", str(PAGE_SIZE),
+           "--torch-threads", "1", "--log-file", str(tmp_path / "tritonserver.log")]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / "job.err", "w"), text=True)
+    try:
+        ready = json.loads(job.stdout.readline())
+        assert ready["ready"], ready
+
+        def check(mode, plen):
+            prompt = prompt_words(plen, offset=plen)
+            ref = lm.run([lm.request(prompt, 14, mode_config(mode))])[0]
+            with StreamingClient(ready["grpc"]) as c:
+                r = c.generate(text_input=prompt, max_tokens=14, mode=mode)
+            assert r.error is None, r.error
+            assert r.token_ids == ref.token_ids and r.counters["forwards"] == ref.forwards
+
+        for mode, plen in (("ar", 3), ("diffusion", 5), ("spec", 4)):
+            check(mode, plen)
+        time.sleep(6)  # idle longer than the 4 s collective timeout: rank 0's keepalives hold the group
+        check("spec", 7)
+        os.kill(ready["serve_pid"], signal.SIGTERM)
+        assert job.wait(timeout=90) == 0, (tmp_path / "job.err").read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    log = (tmp_path / "tritonserver.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]

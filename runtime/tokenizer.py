@@ -57,21 +57,25 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text increments, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of token ids into text increments, holding back incomplete UTF-8 sequences.
+
+    Each push decodes only a short window (the tokens since the previous increment's start), not the whole
+    output, so streaming a long generation costs O(tokens) overall."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self._prefix = 0  # start of the window: decoding from here gives text consistent with what was emitted
+        self._read = 0    # ids before this are emitted
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
-        return delta
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        text = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""  # nothing new yet, or an incomplete multi-byte character
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(before):]
 
 
 def word_level_tokenizer(vocab_size: int, special: dict[int, str]) -> Tokenizer:

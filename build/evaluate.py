@@ -84,6 +84,7 @@ def compare(reference: NLDModel, quantized: NLDModel, ids: list[int], num_prompt
 def main(argv: list[str] | None = None) -> int:
     from ..runtime.checkpoint import load_model, load_tokenizer
     from ..runtime.engine_dir import load_engine_model  # quantized (dequantized, Q/DQ simulated) or plain
+    from .quantized_loader import load_quantized_model
 
     p = argparse.ArgumentParser(prog="python -m trimode.build.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--reference", type=Path, required=True)
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--control", action="store_true", help="also compare the reference computed in bfloat16")
+    p.add_argument("--weights-only", action="store_true",
+                   help="quantized weights, float activations and KV (isolates the weight rounding)")
     a = p.parse_args(argv)
     reference = load_model(a.reference, dtype="float32")
     ids = load_tokenizer(a.reference, reference.config).encode(a.text_file.read_text(encoding="utf-8"))
@@ -102,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"quantized": "control: reference in bfloat16", **{k: round(v, 4) for k, v in
                                                                             result.items()}}))
     for q in a.quantized:
-        result = compare(reference, load_engine_model(q), ids, a.num_prompts, a.prompt_len, a.new_tokens)
-        print(json.dumps({"quantized": q.as_posix(), **{k: round(v, 4) for k, v in result.items()}}))
+        model = load_quantized_model(q, simulate_activations=False) if a.weights_only else load_engine_model(q)
+        result = compare(reference, model, ids, a.num_prompts, a.prompt_len, a.new_tokens)
+        label = q.as_posix() + (" (weights only)" if a.weights_only else "")
+        print(json.dumps({"quantized": label, **{k: round(v, 4) for k, v in result.items()}}))
     return 0
 
 

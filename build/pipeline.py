@@ -58,6 +58,7 @@ class BuildOptions:
     calib_seq_len: int = 256
     quantize_head: bool = False
     tp: int = 1  # tensor-parallel ranks: one graph set (and engine) per rank
+    overwrite: bool = False  # replace an engine directory holding a different build (only once the new one is done)
     progress: bool = True
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -123,7 +124,7 @@ def build_key(opts: BuildOptions, model_hash: str) -> dict[str, Any]:
 
 
 def _remove_stale_partials(out: Path) -> None:
-    for tmp in out.parent.glob(f".{out.name}.partial-*"):
+    for tmp in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.replaced-*")]:
         pid = tmp.name.rsplit("-", 1)[-1]
         alive = pid.isdigit() and _pid_alive(int(pid))
         if not alive:
@@ -167,8 +168,11 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
                 say(f"{opts.out} is up to date (same model, recipe and settings): nothing to do")
                 return existing
             diff = [k for k in key if existing.get("build_key", {}).get(k) != key[k]]
-            raise BuildError(f"--out {opts.out} holds a different build (differs in: {', '.join(diff)}); choose "
-                             f"another --out or delete it")
+            if not opts.overwrite:
+                raise BuildError(f"--out {opts.out} holds a different build (differs in: {', '.join(diff)}); choose "
+                                 f"another --out, delete it, or pass --overwrite")
+            say(f"{opts.out} holds a different build (differs in: {', '.join(diff)}): replacing it once the new "
+                f"one is complete (--overwrite)")
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(opts.out)
     tmp = opts.out.parent / f".{opts.out.name}.partial-{os.getpid()}"
@@ -238,7 +242,13 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
     manifest["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     manifest["files"] = file_entries(tmp)
     write_manifest(tmp, manifest)
-    os.rename(tmp, opts.out)
+    if opts.out.exists():  # --overwrite of a different build: the old one stays valid until this point
+        old = opts.out.parent / f".{opts.out.name}.replaced-{os.getpid()}"
+        os.rename(opts.out, old)
+        os.rename(tmp, opts.out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, opts.out)
     if not usable:
         say(f"ONNX stage complete in {opts.out}. TensorRT could not run here ({reason}). To finish on a GPU host "
             f"with TensorRT 11: python scripts/build_engine.py --from-onnx {opts.out}")

@@ -91,10 +91,11 @@ def open_runtime(args: argparse.Namespace, executor: str):
 
     if executor == "torch":
         return TriModeLM.from_pretrained(args.model)
-    # the ONNX stage of the build (returns at once when the directory is up to date)
+    # the ONNX stage of the build (returns at once when the directory is up to date, rebuilds it when the
+    # model or the settings changed)
     engine_dir = Path(args.engine_dir or ROOT / "engines" / f"bench-b{max(args.blocks)}")
-    build(BuildOptions(model=Path(args.model), out=engine_dir, block_length=max(args.blocks), max_seq=1024),
-          log=lambda msg: None)
+    build(BuildOptions(model=Path(args.model), out=engine_dir, block_length=max(args.blocks), max_seq=1024,
+                       overwrite=True), log=lambda msg: None)
     return TriModeLM.from_engine(engine_dir, executor="onnxruntime")
 
 

@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--quantize-head", action="store_true", help="quantize diffusion_head too (default: kept 16-bit)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out holding a different build (the old one stays until the new one is done)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                 page_size=a.page_size, target=a.target, layout=a.layout, calib_file=a.calib_file,
                                 calib_text=a.calib_text, calib_samples=a.calib_samples,
                                 calib_seq_len=a.calib_seq_len, quantize_head=a.quantize_head, tp=a.tp,
+                                overwrite=a.overwrite,
                                 progress=not a.no_progress)
             manifest = build(opts)
             print("\n".join(memory_budget(opts.model, opts, a.gpu_gb)), file=sys.stderr)

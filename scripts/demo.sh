@@ -7,5 +7,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh"
 py="$root/.venv/bin/python"
 "$py" "$root/scripts/build_engine.py" --model "$root/models/tiny-kjv" --out "$root/engines/tiny-kjv" \
-    --block-length 16 --max-seq 512
+    --block-length 16 --max-seq 512 --overwrite   # rebuilt only when the model or settings changed
 exec "$py" "$root/scripts/run_all_modes.py" --engine "$root/engines/tiny-kjv" "$@"

@@ -69,9 +69,9 @@ class TrainSettings:
     lora_alpha: float = 32.0
     rollout_iters: int = 2
     unit: str = "minutes"
-    ar_budget: float = 10.0
-    joint_budget: float = 13.0
-    lora_budget: float = 4.0
+    ar_budget: float = 12.0
+    joint_budget: float = 65.0
+    lora_budget: float = 8.0
     eval_every: float = 2.0
     save_every_minutes: float = 3.0
     eval_windows: int = 24

@@ -138,6 +138,18 @@ def test_existing_out_is_up_to_date_or_refused(engine, checkpoints, capsys):
     assert "is up to date" in capsys.readouterr().err
 
 
+def test_overwrite_replaces_a_different_build_only_when_done(checkpoints, tmp_path):
+    from trimode.build.pipeline import build
+
+    opts = dict(model=Path(checkpoints["gqa2-yarn-lora"]), out=tmp_path / "eng", modes=("ar",), block_length=8,
+                max_batch=4, max_seq=64, page_size=4, progress=False)
+    build(BuildOptions(**opts), log=lambda _: None)
+    replaced = build(BuildOptions(**{**opts, "block_length": 16}, overwrite=True), log=lambda _: None)
+    assert read_manifest(tmp_path / "eng")["build_key"] == replaced["build_key"]
+    assert replaced["shapes"]["block_length"] == 16 and sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
+    check_engine_dir(tmp_path / "eng", verify_hashes="all")
+
+
 def test_spark_selects_w4a16_and_budgets_128gb(checkpoints, tmp_path):
     opts = BuildOptions(model=Path(checkpoints["gqa2-yarn-lora"]), out=tmp_path / "o", target="spark")
     assert opts.recipe_name == "w4a16"

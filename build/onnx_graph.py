@@ -280,7 +280,7 @@ class GraphBuilder:
     # ---- the model --------------------------------------------------------------------------------------
 
     def build(self) -> onnx.ModelProto:
-        cfg, g, t = self.cfg, self.g, self.w.tensors
+        cfg, g = self.cfg, self.g
         hq, hkv, d, L = self.hq, self.hkv, cfg.head_dim, cfg.num_hidden_layers
         if self.form == "reference":
             self._attention_precompute()

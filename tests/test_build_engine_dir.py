@@ -175,7 +175,7 @@ def test_budget_per_gpu_follows_tp(checkpoints, tmp_path):
         return float(re.search(rf"{label}\s+([0-9.]+)", block).group(1))
 
     for model in ("3B", "8B", "14B"):
-        assert f"{model}: " in text[1] and f", tp 2," in text[2].split(f"\n{model}: ")[1].splitlines()[0]
+        assert f"{model}: " in text[1] and ", tp 2," in text[2].split(f"\n{model}: ")[1].splitlines()[0]
         assert row(2, model, "weights per GPU") == pytest.approx(row(1, model, "weights per GPU") / 2, rel=0.01)
         assert row(2, model, "KV per token per GPU") == pytest.approx(row(1, model, "KV per token per GPU") / 2)
 

@@ -138,14 +138,37 @@ def test_quantized_reference_graphs_match_the_torch_runtime(builds):
 
 
 def test_quantized_onnxruntime_executor_matches_torch_tokens(builds):
+    """Greedy tokens of the onnxruntime executor equal the torch executor's on the same quantized checkpoint.
+    Weight-only w4a16: exactly. FP8 recipes round activations (and K/V) to FP8, where a float-rounding difference
+    upstream can move a value across a rounding boundary (see the test above): their tokens may part only at a
+    near-tie, i.e. where the torch logits' top two are closer than the 5% of the logits' range that bounds the
+    graphs' logit error; a divergence at a decisive step fails."""
+    import torch
+
+    from trimode.build.evaluate import _logits
     from trimode.runtime.engine_dir import open_engine
 
     prompts = [[5, 9, 14, 200, 31], [7, 8, 400, 22, 19, 3 + 40, 77, 90]]
     for r in RECIPES:
-        out = {}
+        out, lms = {}, {}
         for ex in ("torch", "onnxruntime"):
-            lm = open_engine(builds[r], executor=ex, num_pages=64, **({"threads": 1} if ex != "torch" else {}))
+            lm = lms[ex] = open_engine(builds[r], executor=ex, num_pages=64,
+                                       **({"threads": 1} if ex != "torch" else {}))
             out[ex] = ([x.token_ids for x in lm.ar_generate(prompts, max_new_tokens=8)],
                        [x.token_ids for x in lm.linear_spec_generate(prompts, max_new_tokens=8, block_length=4)])
-        assert out["torch"] == out["onnxruntime"], r
         assert out["torch"][0] == out["torch"][1], r  # spec stays lossless on the quantized model
+        if r == "w4a16":
+            assert out["torch"] == out["onnxruntime"], r
+            continue
+        model = lms["torch"].model
+        for want_runs, got_runs in zip(out["torch"], out["onnxruntime"]):
+            for prompt, want, got in zip(prompts, want_runs, got_runs):
+                step = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+                if step is None:
+                    continue
+                row = _logits(model, list(prompt) + list(want[:step]))[-1]
+                row[model.config.mask_token_id] = float("-inf")
+                top2 = torch.topk(row, 2).values
+                finite = row[torch.isfinite(row)]
+                margin, span = float(top2[0] - top2[1]), float(finite.max() - finite.min())
+                assert margin <= 0.05 * span, (r, prompt, step, margin, span)

@@ -5,7 +5,6 @@ Quantized shards are cut in their stored form and checked against the dequantize
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,8 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from test_tensor_parallel import ThreadComm, _last_json, _mpiexec, run_ranks
+from test_tensor_parallel import _last_json, _mpiexec, run_ranks
 from trimode.build.onnx_graph import LINEARS, ModelWeights
-from trimode.build.onnx_export import load_weights
 from trimode.build.pipeline import BuildError, BuildOptions, build
 from trimode.build.plugin_ops import (REFERENCE_ALL_REDUCE, TRT_COLLECTIVE, contrib_session, register_onnx_schemas,
                                       register_tp_comm, unregister_tp_comm)
@@ -245,5 +243,5 @@ def test_cli_generate_on_a_tp_engine_over_two_mpi_ranks(engines):
     assert {k: _last_json(two.stdout)[k] for k in keep} == {k: _last_json(one.stdout)[k] for k in keep}
     wrong = subprocess.run([_mpiexec(), "-n", "2", sys.executable, *args, "--engine", str(engines[1]), "--tp", "2",
                             "--tp-timeout", "30"], capture_output=True, text=True, timeout=300)
-    assert wrong.returncode == 2 and "tensor_parallel.size is 1 in its manifest" in wrong.stderr, wrong.stderr[-2000:]
-    assert json.loads(json.dumps(_last_json(one.stdout)))  # the single-rank run printed its JSON line
+    # every rank refuses (exit status 2); the launcher's status is the first failing rank's, or its kill signal
+    assert wrong.returncode != 0 and "tensor_parallel.size is 1 in its manifest" in wrong.stderr, wrong.stderr[-2000:]

@@ -91,6 +91,23 @@ def run_ranks(world: int, fn) -> list:
     return results
 
 
+def run_workload_on_ranks(load, work, world: int = 2):
+    """``load(comm)`` on every thread rank; rank 0 runs ``work(lm)`` and releases the workers, the others serve
+    its steps. Returns rank 0's result and every rank's KV cache."""
+    def rank(comm):
+        loaded = load(comm)
+        if not comm.is_leader:
+            loaded.serve()
+            return loaded.cache
+        try:
+            return work(loaded), loaded.cache
+        finally:
+            loaded.executor.close()
+
+    (got, cache0), *others = run_ranks(world, rank)
+    return got, [cache0, *others]
+
+
 def dense_inputs(vocab: int):
     ids = torch.tensor(random_prompts([9, 9], vocab=vocab, seed=3))
     return ids, torch.arange(9).expand(2, 9), torch.ones(9, 9, dtype=torch.bool), torch.ones(2, 9)
@@ -142,17 +159,8 @@ def test_engine_over_thread_ranks_equals_single_rank(checkpoints, variant):
     single = TriModeLM.from_pretrained(path, num_pages=64, page_size=4)
     want = _all_modes(single, prompts)
 
-    def rank(comm):
-        loaded = load_tensor_parallel(path, comm, num_pages=64, page_size=4)
-        if not comm.is_leader:
-            loaded.serve()
-            return loaded.cache
-        try:
-            return _all_modes(loaded, prompts), loaded.cache
-        finally:
-            loaded.executor.close()
-
-    (got, cache0), cache1 = run_ranks(2, rank)
+    got, (cache0, cache1) = run_workload_on_ranks(
+        lambda comm: load_tensor_parallel(path, comm, num_pages=64, page_size=4), lambda lm: _all_modes(lm, prompts))
     assert got == want
     single_numel = single.cache.k_pool.numel() + single.cache.v_pool.numel()
     for cache in (cache0, cache1):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from test_tensor_parallel import _last_json, _mpiexec, run_ranks
+from test_tensor_parallel import _last_json, _mpiexec, run_ranks, run_workload_on_ranks
 from trimode.build.onnx_graph import LINEARS, ModelWeights
 from trimode.build.pipeline import BuildError, BuildOptions, build
 from trimode.build.plugin_ops import (REFERENCE_ALL_REDUCE, TRT_COLLECTIVE, contrib_session, register_onnx_schemas,
@@ -100,20 +100,12 @@ def test_two_thread_ranks_on_the_engine_equal_one_rank_in_every_mode(engines):
     want = workload(TriModeLM.from_pretrained(engines["ckpt"], num_pages=64, page_size=4), prompts)
     single_engine = workload(open_engine(engines[1], num_pages=64, threads=1), prompts)
 
-    def rank(comm):
-        loaded = open_engine_tensor_parallel(engines[2], comm, num_pages=64, threads=1)
-        if not comm.is_leader:
-            loaded.serve()
-            return loaded.cache
-        try:
-            return workload(loaded, prompts), loaded.cache
-        finally:
-            loaded.executor.close()
-
-    (got, cache0), cache1 = run_ranks(2, rank)
+    got, caches = run_workload_on_ranks(
+        lambda comm: open_engine_tensor_parallel(engines[2], comm, num_pages=64, threads=1),
+        lambda lm: workload(lm, prompts))
     assert got == want == single_engine
     cfg = load_config(engines["ckpt"])
-    for cache in (cache0, cache1):
+    for cache in caches:
         assert cache.k_pool.shape[3] == cfg.num_key_value_heads // 2
 
 

@@ -272,7 +272,7 @@ def _build_all_ranks(root: Path, trt_dir: Path, manifest: dict[str, Any], layout
         return build_engines(root / "onnx", trt_dir, list(manifest["engine_kinds"]), shapes, shapes["num_layers"],
                              layout)
     ranks = []
-    for rank, graphs in enumerate(section["graph_dirs"]):
+    for graphs in section["graph_dirs"]:
         sub = Path(graphs).name
         ranks.append(build_engines(root / graphs, trt_dir / sub, list(manifest["engine_kinds"]), shapes,
                                    shapes["num_layers"], layout, plan_prefix=f"trt/{sub}/", num_ranks=section["size"]))

@@ -23,13 +23,10 @@ import dataclasses
 import torch
 
 from ..runtime.distributed import TensorParallelConfigError
-from ..runtime.tensor_parallel import check_tensor_parallel, shard_span
+from ..runtime.tensor_parallel import check_tensor_parallel, shard_dim, shard_span
 from .onnx_graph import LINEARS, ModelWeights
 from .quantized_loader import linear_format
 
-ROW_SPLIT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-COL_SPLIT = ("self_attn.o_proj", "mlp.down_proj")
-VOCAB_SPLIT = ("encoder.embed_tokens", "diffusion_head")
 LINEAR_TENSORS = ("weight", "weight_scale", "input_scale", "pre_quant_scale")  # what _shard_linear cuts
 
 
@@ -86,11 +83,10 @@ def shard_weights(weights: ModelWeights, rank: int, world: int) -> ModelWeights:
         return weights
     t = weights.tensors
     out: dict[str, torch.Tensor] = {}
-    linears = {f"encoder.layers.{i}.{lin}": ("row" if lin in ROW_SPLIT else "col")
-               for i in range(cfg.num_hidden_layers) for lin in LINEARS}
-    linears.update({name: "row" for name in VOCAB_SPLIT if f"{name}.weight" in t and name != "encoder.embed_tokens"})
-    for name, split in linears.items():
-        _shard_linear(t, name, split, rank, world, out)
+    linears = [f"encoder.layers.{i}.{lin}" for i in range(cfg.num_hidden_layers) for lin in LINEARS]
+    linears += ["diffusion_head"] if "diffusion_head.weight" in t else []
+    for name in linears:  # the runtime's split: dim 0 = output rows (or vocabulary), dim 1 = input columns
+        _shard_linear(t, name, "row" if shard_dim(f"{name}.weight") == 0 else "col", rank, world, out)
     lo, hi = shard_span(cfg.vocab_size, rank, world)
     out["encoder.embed_tokens.weight"] = _rows(t["encoder.embed_tokens.weight"], lo, hi)
     linear_keys = {f"{name}.{suffix}" for name in linears for suffix in LINEAR_TENSORS}

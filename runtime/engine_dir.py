@@ -207,35 +207,22 @@ def open_engine_tensor_parallel(directory: str | Path, comm, num_pages: int = 51
     """This rank's part of a ``--tp N`` engine directory, run by the onnxruntime executor on its graph set.
     Rank 0 gets a ``TriModeLM`` (close it with ``lm.executor.close()``), the other ranks a
     ``TensorParallelWorker`` (call ``serve()``), as ``tensor_parallel.load_tensor_parallel``."""
-    from .api import TriModeLM
-    from .checkpoint import load_tokenizer
     from .onnx_executor import OnnxRuntimeExecutor
-    from .tensor_parallel import MirrorCache, TensorParallelExecutor, TensorParallelWorker, handshake
+    from .tensor_parallel import rank_runtime
 
     directory = Path(directory)
     manifest = check_engine_dir(directory, page_size=page_size)
     tp = tensor_parallel_size(manifest)
     if tp != comm.world_size:
         raise EngineMismatch("tensor_parallel.size", tp, comm.world_size, directory)
-    page_size = manifest["shapes"]["page_size"]
     ckpt = engine_checkpoint(directory)
-    model = _placeholder_model(ckpt, tp)
-    cfg = model.config
-
-    def executor(model, cache):  # noqa: ANN001
-        return OnnxRuntimeExecutor(directory, cache, check=False, comm=comm, **executor_kwargs)
-
+    loaded = rank_runtime(_placeholder_model(ckpt, tp), comm,
+                          lambda model, cache: OnnxRuntimeExecutor(directory, cache, check=False, comm=comm,
+                                                                   **executor_kwargs),
+                          ckpt, num_pages, manifest["shapes"]["page_size"], max_batch_size)
     if comm.is_leader:
-        lm = TriModeLM(model, load_tokenizer(ckpt, cfg), num_pages=num_pages, page_size=page_size,
-                       max_batch_size=max_batch_size,
-                       executor=lambda model, cache: TensorParallelExecutor(executor(model, cache), comm))
-        lm.engine_manifest = manifest
-        cache = lm.cache
-    else:
-        cache = MirrorCache(cfg.num_hidden_layers, cfg.num_key_value_heads // tp, cfg.head_dim, num_pages, page_size)
-        worker = TensorParallelWorker(model, cache, executor(model, cache), comm)
-    handshake(comm, cfg, cache)
-    return lm if comm.is_leader else worker
+        loaded.engine_manifest = manifest
+    return loaded
 
 
 def load_engine_model(checkpoint: Path):

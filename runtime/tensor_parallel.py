@@ -291,21 +291,30 @@ def load_tensor_parallel(path: str | Path, comm: TPComm, dtype: str | torch.dtyp
     ``lm.executor.close()`` at the end; an idle server calls ``lm.executor.keepalive()`` more often than
     the collective timeout), the other ranks a ``TensorParallelWorker`` (call ``serve()``). Every rank
     must be started with the same arguments (checked). ``executor`` names the per-rank executor."""
+    model = load_sharded_model(path, comm, dtype)
+    return rank_runtime(model, comm, lambda model, cache: make_executor(executor, model=model, cache=cache), path,
+                        num_pages, page_size, max_batch_size)
+
+
+def rank_runtime(model: NLDModel, comm: TPComm, make_inner: Callable[[NLDModel, PagedKVCache], Executor],
+                 tokenizer_dir: str | Path, num_pages: int, page_size: int,
+                 max_batch_size: int) -> "TriModeLM | TensorParallelWorker":
+    """This rank's runtime over ``model`` (its shard, or a placeholder whose config and KV heads an engine
+    executor uses): rank 0 a ``TriModeLM`` whose executor broadcasts each step before running
+    ``make_inner(model, cache)``, the other ranks a ``TensorParallelWorker`` on a mirrored pool; then every
+    rank checks that all agree on the model and the pool."""
     from .api import TriModeLM
 
-    model = load_sharded_model(path, comm, dtype)
     cfg = model.config
     if comm.is_leader:
-        def leader(model: NLDModel, cache: PagedKVCache) -> TensorParallelExecutor:
-            return TensorParallelExecutor(make_executor(executor, model=model, cache=cache), comm)
-
-        lm = TriModeLM(model, load_tokenizer(path, cfg), num_pages, page_size, max_batch_size, executor=leader)
+        lm = TriModeLM(model, load_tokenizer(tokenizer_dir, cfg), num_pages, page_size, max_batch_size,
+                       executor=lambda model, cache: TensorParallelExecutor(make_inner(model, cache), comm))
         cache = lm.cache
     else:
         p = next(model.parameters())
         cache = MirrorCache(cfg.num_hidden_layers, model.encoder.layers[0].self_attn.hkv, cfg.head_dim, num_pages,
                             page_size, dtype=p.dtype, device=p.device)
-        worker = TensorParallelWorker(model, cache, make_executor(executor, model=model, cache=cache))
+        worker = TensorParallelWorker(model, cache, make_inner(model, cache), comm)
     handshake(comm, cfg, cache)
     return lm if comm.is_leader else worker
 

@@ -28,20 +28,20 @@ from trimode.runtime.engine_dir import EngineDirError
 SPARK_MEMORY_GB = 128.0
 SPARK_RESERVE_GB = 16.0  # the OS and the CPU side of the unified memory
 TARGET_GPU_GB = {"hopper": 80.0, "blackwell": 180.0, "spark": SPARK_MEMORY_GB}  # H100, B200, DGX Spark
-RECIPE_DTYPES = {"none": ("bfloat16", "bfloat16"), "fp8": ("fp8", "bfloat16"), "fp8-kv": ("fp8", "fp8"),
-                 "w4a16": ("int4", "bfloat16")}  # (linear weights, KV cache) in the memory planner's terms
 
 
 def memory_budget(model_dir: Path, opts: BuildOptions, gpu_gb: float | None = None) -> list[str]:
     """Per-GPU weights / KV pages / activations at ``--tp`` for 3B/8B/14B and the given model."""
     from trimode.build.memory_planner import REFERENCE_CONFIGS, plan_memory, smallest_tp
+    from trimode.build.recipes import get_recipe
     from trimode.runtime.checkpoint import load_config
     from trimode.runtime.distributed import TensorParallelConfigError
 
     spark = opts.target == "spark"
     gpu_gb = gpu_gb or TARGET_GPU_GB[opts.target]
     reserve = SPARK_RESERVE_GB if spark else 2.0
-    dtype, kv_dtype = RECIPE_DTYPES[opts.recipe_name]
+    recipe = get_recipe(opts.recipe_name)  # its weight / KV formats are the planner's names ("fp8", "int4")
+    dtype, kv_dtype = recipe.weights or "bfloat16", recipe.kv_cache or "bfloat16"
     configs = dict(REFERENCE_CONFIGS)
     configs[model_dir.name] = load_config(model_dir)
     where = (f"DGX Spark: {gpu_gb:g} GiB unified, {reserve:g} GiB kept for the OS/CPU" if spark else

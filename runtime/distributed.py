@@ -157,16 +157,22 @@ class TPComm:
             dist.destroy_process_group()
 
 
-def init_tensor_parallel(tp: int, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
-                         env: Mapping[str, str] | None = None) -> TPComm:
-    """Join the job's tensor-parallel group of ``tp`` ranks (one per process). ``backend``: auto, gloo, nccl."""
-    if timeout_s <= 0:
-        raise TensorParallelConfigError(f"the collective timeout must be > 0 seconds, got {timeout_s}")
+def launch_of_size(tp: int, env: Mapping[str, str] | None = None) -> LaunchInfo:
+    """This process's place in the job, which must have started ``tp`` processes."""
     launch = discover_launch(env)
     if launch.world_size != tp:
         raise TensorParallelConfigError(
             f"--tp {tp} needs {tp} processes but the launcher started {launch.world_size} "
             f"({launch.launcher}); launch with `mpiexec -n {tp} ...` or `torchrun --nproc-per-node {tp} ...`")
+    return launch
+
+
+def init_tensor_parallel(tp: int, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
+                         env: Mapping[str, str] | None = None) -> TPComm:
+    """Join the job's tensor-parallel group of ``tp`` ranks (one per process). ``backend``: auto, gloo, nccl."""
+    if timeout_s <= 0:
+        raise TensorParallelConfigError(f"the collective timeout must be > 0 seconds, got {timeout_s}")
+    launch = launch_of_size(tp, env)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl"):

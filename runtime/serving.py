@@ -450,22 +450,20 @@ def _tensor_parallel_launch(args: argparse.Namespace) -> str | None:
     """``serve --tp N`` under mpiexec/torchrun. Launcher rank 0 returns the host:port where the served model
     (the Triton backend, tensor-parallel rank 0) forms the group; ranks 1..N-1 join it here, load their shards,
     run rank 0's steps until it releases them (server stopped) and return None. A rank that fails exits."""
-    from .checkpoint import CheckpointError
-    from .distributed import TensorParallelConfigError, TensorParallelError, discover_launch, join_group
+    from .checkpoint import CheckpointError, load_config
+    from .distributed import TensorParallelConfigError, TensorParallelError, join_group, launch_of_size
     from .tensor_parallel import check_tensor_parallel, load_tensor_parallel
 
     if args.repo is not None or args.model is None:
         raise ServingError("--tp serves a checkpoint: give --model (every rank loads its shard of it)")
-    from .checkpoint import load_config
-
     try:
         check_tensor_parallel(load_config(args.model), args.tp)
     except (CheckpointError, TensorParallelConfigError) as e:
         raise ServingError(f"--tp {args.tp}: {e}") from None
-    launch = discover_launch()
-    if launch.world_size != args.tp:
-        raise ServingError(f"--tp {args.tp} needs {args.tp} processes but the launcher started {launch.world_size} "
-                           f"({launch.launcher}); launch with `mpiexec -n {args.tp} trimode serve --tp {args.tp} ...`")
+    try:
+        launch = launch_of_size(args.tp)
+    except TensorParallelConfigError as e:
+        raise ServingError(str(e)) from None
     if launch.rank == 0:
         return f"{launch.master_addr}:{launch.master_port}"
     try:

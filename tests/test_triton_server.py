@@ -199,7 +199,7 @@ def test_kv_pressure_queues_without_errors_or_leaks(server, lm):
         s = stats(server)
         seen_waiting.append(s["requests_waiting"])
         assert s["pages_reserved"] <= NUM_PAGES and s["pages_used"] <= NUM_PAGES
-        time.sleep(0.2)
+        time.sleep(0.02)  # the four requests take well under a second on an idle machine
     for r in results:
         assert r.error is None and r.token_ids == ref.token_ids
     assert max(seen_waiting) >= 1  # some of them were queued for pages

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..runtime.model import NLDModel
-from ..runtime.tokenizer import Tokenizer
+from trimode.runtime.model.network import NLDModel
+from trimode.runtime.model.tokenizer import Tokenizer
 
 DEFAULT_TEXT_FILES = ("calibration.txt", "heldout.txt")
 

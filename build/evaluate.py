@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..runtime.model import NLDModel, causal_mask
+from trimode.runtime.model.network import NLDModel, causal_mask
 
 
 def windows(ids: list[int], num: int, length: int) -> list[list[int]]:
@@ -46,7 +46,7 @@ def _logits(model: NLDModel, ids: list[int]) -> torch.Tensor:
 
 def greedy(model: NLDModel, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Greedy AR continuations of all prompts in one batch (the runtime's engine and paged KV cache)."""
-    from ..runtime.api import TriModeLM
+    from trimode.runtime.api import TriModeLM
 
     pages_per_seq = -(-(max(map(len, prompts)) + new_tokens + 1) // 16)
     lm = TriModeLM(model, None, num_pages=len(prompts) * pages_per_seq + 8, page_size=16)
@@ -82,9 +82,9 @@ def compare(reference: NLDModel, quantized: NLDModel, ids: list[int], num_prompt
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..runtime.checkpoint import load_model, load_tokenizer
-    from ..runtime.engine_dir import load_engine_model  # quantized (dequantized, Q/DQ simulated) or plain
-    from .quantized_loader import load_quantized_model
+    from trimode.runtime.model.checkpoint import load_model, load_tokenizer
+    from trimode.runtime.executors.engine_dir import load_engine_model  # quantized (dequantized, Q/DQ simulated) or plain
+    from trimode.runtime.model.quantized import load_quantized_model
 
     p = argparse.ArgumentParser(prog="python -m trimode.build.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--reference", type=Path, required=True)

@@ -21,9 +21,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..runtime.config import ModelConfig, RopeConfig
-from ..runtime.distributed import TensorParallelConfigError
-from ..runtime.tensor_parallel import check_tensor_parallel
+from trimode.runtime.model.config import ModelConfig, RopeConfig
+from trimode.runtime.parallel.comm import TensorParallelConfigError
+from trimode.runtime.parallel.sharding import check_tensor_parallel
 
 GiB = 1 << 30
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}

@@ -17,10 +17,10 @@ from typing import Callable
 import onnx
 from onnx import external_data_helper
 
-from ..runtime.checkpoint import LORA_DIR, _weight_files, load_config, load_lora, read_safetensors
-from .engine_kinds import ENGINE_KINDS
-from .onnx_graph import ModelWeights, build_graph
-from .quantized_loader import is_quantized_checkpoint, read_quantized_checkpoint
+from trimode.runtime.model.checkpoint import LORA_DIR, _weight_files, load_config, load_lora, read_safetensors
+from trimode.runtime.executors.engine_kinds import ENGINE_KINDS
+from trimode.build.onnx_graph import ModelWeights, build_graph
+from trimode.runtime.model.quantized import is_quantized_checkpoint, read_quantized_checkpoint
 
 WEIGHTS_FILE = "weights.bin"
 EXTERNAL_MIN_BYTES = 1024
@@ -99,7 +99,7 @@ def export_graphs(checkpoint: str | Path, out_dir: str | Path, kinds: list[str],
     weights = load_weights(checkpoint)
     if tp == 1:
         return _export_set(weights, out_dir, kinds, page_size, say, "")
-    from .sharding import shard_weights
+    from trimode.build.sharding import shard_weights
 
     shards = [shard_weights(weights, rank, tp) for rank in range(tp)]  # checks every rank can be cut first
     for rank, shard in enumerate(shards):

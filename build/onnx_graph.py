@@ -40,12 +40,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..runtime.config import ModelConfig
-from ..runtime.rope import rope_frequencies
-from .engine_kinds import ENGINE_KINDS
-from .plugin_ops import (COLLECTIVE_OPSET, PLUGIN_NAMESPACE, collective_node, plugin_attributes,
+from trimode.runtime.model.config import ModelConfig
+from trimode.runtime.model.rope import rope_frequencies
+from trimode.runtime.executors.engine_kinds import ENGINE_KINDS
+from trimode.build.plugin_ops import (COLLECTIVE_OPSET, PLUGIN_NAMESPACE, collective_node, plugin_attributes,
                          register_onnx_schemas)
-from .quantized_loader import linear_format, unpack_int4
+from trimode.runtime.model.quantized import linear_format, unpack_int4
 
 OPSET = 21
 FLOAT = TensorProto.FLOAT
@@ -173,7 +173,7 @@ class GraphBuilder:
         if self.form == "reference":
             return self._attention_reference(q, k, v, kp, vp)
         inputs = [q, k, v, kp, vp, "block_tables", "context_lens", "query_start"]
-        common = dict(scale=float(self.cfg.softmax_scale), page_size=self.page_size, **plugin_attributes())
+        common = dict(scale=float(self.cfg.softmax_scale), page_size=self.page_size, **plugin_attributes("paged_attention"))
         if not self.unified:
             return self.g.op("paged_attention", inputs, domain=PLUGIN_NAMESPACE, name=f"paged_attention_{layer}",
                              is_causal=int(self.is_causal), **common)
@@ -241,7 +241,7 @@ class GraphBuilder:
         outs = [f"k_pool_out.{layer}", f"v_pool_out.{layer}"]
         if self.form == "plugin":
             g.op("kv_append", [k, v, kp, vp, "slot_mapping"], n_out=2, domain=PLUGIN_NAMESPACE,
-                 name=f"kv_append_{layer}", outputs=outs, **plugin_attributes())
+                 name=f"kv_append_{layer}", outputs=outs, **plugin_attributes("kv_append"))
             return
         if not hasattr(self, "scatter_index"):  # [T, 2] = (page, row); ScatterND writes straight into the pool
             S = g.const(self.page_size)

@@ -19,17 +19,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import __version__
-from ..runtime.checkpoint import CheckpointError, load_config
-from ..runtime.distributed import TensorParallelConfigError
-from ..runtime.tensor_parallel import check_tensor_parallel
-from ..runtime.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineDirError, check_engine_dir,
+from trimode import __version__
+from trimode.runtime.model.checkpoint import CheckpointError, load_config
+from trimode.runtime.parallel.comm import TensorParallelConfigError
+from trimode.runtime.parallel.sharding import check_tensor_parallel
+from trimode.runtime.executors.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineDirError, check_engine_dir,
                                   checkpoint_hash, file_entries, read_manifest, write_manifest)
-from .engine_kinds import ENGINE_KINDS, MODE_KINDS, ModeError, kinds_for_modes
-from .onnx_export import export_graphs, rank_dir_name
-from .plugin_ops import PLUGIN_NAMESPACE, plugin_versions
-from .recipes import RECIPES, get_recipe
-from .trt_compile import LAYOUTS, TARGET_ARCH, build_engines, tensorrt_status
+from trimode.runtime.executors.engine_kinds import ENGINE_KINDS, MODE_KINDS, ModeError, kinds_for_modes
+from trimode.build.onnx_export import export_graphs, rank_dir_name
+from trimode.build.plugin_ops import PLUGIN_NAMESPACE, plugin_versions
+from trimode.build.recipes import RECIPES, get_recipe
+from trimode.build.trt_compile import LAYOUTS, TARGET_ARCH, build_engines, tensorrt_status
 
 TARGETS = tuple(TARGET_ARCH)
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxruntime-extensions", "nvidia-modelopt", "transformers", "tensorrt",
@@ -182,7 +182,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
     t = time.perf_counter()
     if recipe.quantizes:
         say(f"[2/5] quantizing with recipe {recipe.name} (ModelOpt, in a child process)")
-        from .quantize import run_in_subprocess
+        from trimode.build.quantize import run_in_subprocess
 
         try:
             quant_summary = run_in_subprocess(opts.model, recipe.name, tmp / "checkpoint", opts.calib_file,

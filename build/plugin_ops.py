@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
+from trimode.plugins import PLUGIN_NAMESPACE, PLUGIN_VERSIONS
+from trimode.runtime.executors.ort_ops import CONTRIB_DOMAIN, REFERENCE_ALL_REDUCE, register_ort_contrib_ops
 
-PLUGIN_NAMESPACE = "trimode"
-PLUGIN_VERSION = "1"
-PLUGIN_OPS = ("paged_attention", "kv_append")
-CONTRIB_DOMAIN = "ai.onnx.contrib"
 FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 POOL_TYPES = FLOAT_TYPES + ["tensor(float8e4m3fn)"]
 
 
 def plugin_versions() -> dict[str, str]:
     """Version of each plugin op in the graphs this build writes (checked by the runtime's manifest check)."""
-    return {op: PLUGIN_VERSION for op in PLUGIN_OPS}
+    return dict(PLUGIN_VERSIONS)
 
 
-def plugin_attributes() -> dict[str, str]:
-    return {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+def plugin_attributes(op: str) -> dict[str, str]:
+    """The attributes TensorRT's ONNX parser reads to find plugin ``op`` in its registry."""
+    return {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSIONS[op]}
 
 
 def register_onnx_schemas() -> None:
@@ -82,7 +80,6 @@ def register_onnx_schemas() -> None:
 # default-domain ``DistCollective`` node into an IDistCollectiveLayer; attributes as Polygraphy's TP sharding
 # writes them). The reference form's is a contrib op run by onnxruntime-extensions through this process's TPComm.
 TRT_COLLECTIVE = "DistCollective"
-REFERENCE_ALL_REDUCE = "tp_all_reduce"
 COLLECTIVE_OPSET = {"plugin": None, "reference": (CONTRIB_DOMAIN, 1)}  # opset import each form needs
 
 
@@ -93,69 +90,9 @@ def collective_node(form: str, rank: int, world_size: int) -> tuple[str, str, di
                                     "nb_rank": world_size, "group_size": world_size,
                                     "groups": list(range(world_size))}
     return REFERENCE_ALL_REDUCE, CONTRIB_DOMAIN, {"rank": rank, "world_size": world_size}
-_TP_COMMS: dict[int, object] = {}  # rank -> TPComm (one per process; one per thread in the thread-rank tests)
-
-
-def register_tp_comm(comm) -> None:
-    """Make ``comm`` the communicator of the reference graphs of rank ``comm.rank`` in this process."""
-    _TP_COMMS[comm.rank] = comm
-
-
-def unregister_tp_comm(comm) -> None:
-    if _TP_COMMS.get(comm.rank) is comm:
-        del _TP_COMMS[comm.rank]
-
-
-def _reference_all_reduce(x: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    import torch
-
-    comm = _TP_COMMS.get(rank)
-    if comm is None or comm.world_size != world_size:
-        raise RuntimeError(f"tp_all_reduce: no tensor-parallel communicator of rank {rank}/{world_size} is "
-                           f"registered in this process (the executor registers it: register_tp_comm)")
-    return comm.all_reduce(torch.from_numpy(np.array(x, dtype=np.float32, copy=True))).numpy()
 
 
 # ---- contrib form (onnxruntime + onnxruntime-extensions) -------------------------------------------------------
-
-_ORT_REGISTERED = False
-
-
-def register_ort_contrib_ops() -> None:
-    """Python implementations of the plugin ops for onnxruntime-extensions (the plugins' torch references)."""
-    global _ORT_REGISTERED
-    if _ORT_REGISTERED:
-        return
-    import torch
-    from onnxruntime_extensions import PyCustomOpDef, onnx_op
-
-    from ..plugins.kv_append import kv_append_reference
-    from ..plugins.paged_attention import paged_attention_reference
-
-    f, i32, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64
-
-    @onnx_op(op_type="paged_attention", inputs=[f, f, f, f, f, i32, i32, i32], outputs=[f],
-             attrs={"is_causal": i64, "scale": f, "page_size": i64})
-    def _paged_attention(q, k_new, v_new, k_pool, v_pool, block_tables, context_lens, query_start, **attrs):
-        t = [torch.from_numpy(np.ascontiguousarray(x)) for x in
-             (q, k_new, v_new, k_pool, v_pool, block_tables, context_lens, query_start)]
-        out = paged_attention_reference(*t, is_causal=bool(attrs["is_causal"]), scale=float(attrs["scale"]),
-                                        page_size=int(attrs["page_size"]))
-        return out.numpy()
-
-    @onnx_op(op_type="kv_append", inputs=[f, f, f, f, i64], outputs=[f, f])
-    def _kv_append(k_new, v_new, k_pool, v_pool, slot_mapping):
-        k_out, v_out = torch.from_numpy(k_pool.copy()), torch.from_numpy(v_pool.copy())
-        k_new, v_new, slots = (torch.from_numpy(np.ascontiguousarray(x)) for x in (k_new, v_new, slot_mapping))
-        kv_append_reference(k_new, v_new, k_out, v_out, slots)
-        return k_out.numpy(), v_out.numpy()
-
-    @onnx_op(op_type=REFERENCE_ALL_REDUCE, inputs=[f], outputs=[f], attrs={"rank": i64, "world_size": i64})
-    def _all_reduce(x, **attrs):
-        return _reference_all_reduce(x, int(attrs["rank"]), int(attrs["world_size"]))
-
-    _ORT_REGISTERED = True
-
 
 def contrib_form(model, tp_rank: int = 0):
     """A copy of a plugin-form model with the plugin nodes in ``ai.onnx.contrib`` (for onnxruntime-extensions);

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..runtime.checkpoint import INDEX_FILE, LORA_DIR, SINGLE_FILE, CheckpointError, load_model, load_tokenizer
-from ..runtime.model import NLDModel, causal_mask
-from .calibration import CalibrationError, calibration_set, find_default_text, make_forward_loop
-from .recipes import Recipe, RecipeError, get_recipe, modelopt_config
+from trimode.runtime.model.checkpoint import INDEX_FILE, LORA_DIR, SINGLE_FILE, CheckpointError, load_model, load_tokenizer
+from trimode.runtime.model.network import NLDModel, causal_mask
+from trimode.build.calibration import CalibrationError, calibration_set, find_default_text, make_forward_loop
+from trimode.build.recipes import Recipe, RecipeError, get_recipe, modelopt_config
 
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 
@@ -85,7 +85,7 @@ def _register_kv_quantizers() -> None:
     ``calibration_forward`` feeds them the post-RoPE K and V that the cache holds."""
     from modelopt.torch.quantization.nn import QuantModule, QuantModuleRegistry, TensorQuantizer
 
-    from ..runtime.model import Attention
+    from trimode.runtime.model.network import Attention
 
     if QuantModuleRegistry.get(Attention) is not None:
         return

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .engine_kinds import token_range
+from trimode.runtime.executors.engine_kinds import token_range
 
 LAYOUTS = ("shared", "per-kind")
 TARGET_ARCH = {"hopper": "sm_90", "blackwell": "sm_100", "spark": "sm_121"}
@@ -94,7 +94,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, kinds: list[str], shapes: dict[
     rank's graph set of a ``--tp`` build, whose all-reduce nodes become NCCL ``DistCollective`` layers."""
     import tensorrt as trt
 
-    from ..plugins import register_tensorrt_plugins
+    from trimode.plugins import register_tensorrt_plugins
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown TensorRT layout {layout!r}; choose from {LAYOUTS}")

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ._common import FLOAT_DTYPES, TRITON_DTYPE, check, check_launch, compile_ptx, next_pow2, tl, \
+from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, check, check_launch, compile_ptx, next_pow2, tl, \
     torch_dtype_of, triton
 
 PLUGIN_ID = "trimode::confidence_unmask"

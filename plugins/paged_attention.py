@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, TRITON_DTYPE, KernelArgumentError, check, check_launch, compile_ptx, \
+from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, KernelArgumentError, check, check_launch, compile_ptx, \
     is_interpreted, next_pow2, tl, torch_dtype_of, triton
 
 PLUGIN_ID = "trimode::paged_attention"

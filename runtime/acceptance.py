@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import sample_from
+from trimode.runtime.sampling import sample_from
 
 
 def greedy_accept(draft: list[int], target: list[int]) -> int:

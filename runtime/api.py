@@ -10,15 +10,15 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .checkpoint import load_model, load_tokenizer
-from .engine import Engine
-from .executor import Executor, make_executor
-from .kv_cache import PagedKVCache
-from .model import NLDModel
-from .request import (ARConfig, DiffusionConfig, GenerationRequest, GenerationResult, ModeConfig, RequestError,
+from trimode.runtime.model.checkpoint import load_model, load_tokenizer
+from trimode.runtime.engine import Engine
+from trimode.runtime.executors.base import Executor, make_executor
+from trimode.runtime.kv_cache import PagedKVCache
+from trimode.runtime.model.network import NLDModel
+from trimode.runtime.request import (ARConfig, DiffusionConfig, GenerationRequest, GenerationResult, ModeConfig, RequestError,
                       SpecConfig, TokenCallback)
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from trimode.runtime.sampling import SamplingParams
+from trimode.runtime.model.tokenizer import Tokenizer
 
 
 class TriModeLM:
@@ -49,7 +49,7 @@ class TriModeLM:
     @classmethod
     def from_engine(cls, path: str | Path, executor: str = "onnxruntime", **kwargs) -> "TriModeLM":
         """A runtime over an engine directory (scripts/build_engine.py); the manifest is checked first."""
-        from .engine_dir import open_engine
+        from trimode.runtime.executors.engine_dir import open_engine
 
         return open_engine(path, executor=executor, **kwargs)
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
-from .executor import Executor
-from .kv_cache import KVCacheExhausted
-from .modes import make_policies
-from .passes import PassKind, SeqPass
-from .request import GenerationRequest, GenerationResult, RequestError, SequenceState, TokenCallback
+from trimode.runtime.executors.base import Executor
+from trimode.runtime.kv_cache import KVCacheExhausted
+from trimode.runtime.modes import make_policies
+from trimode.runtime.passes import PassKind, SeqPass
+from trimode.runtime.request import GenerationRequest, GenerationResult, RequestError, SequenceState, TokenCallback
 
 
 class Engine:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .acceptance import greedy_accept, rejection_accept
-from .passes import PassKind, SeqPass
-from .request import ARConfig, DiffusionConfig, Mode, SequenceState, SpecConfig
-from .sampling import select_tokens, target_probs
-from .unmasking import even_schedule, first_finished_eos, reveal, token_confidence
+from trimode.runtime.acceptance import greedy_accept, rejection_accept
+from trimode.runtime.passes import PassKind, SeqPass
+from trimode.runtime.request import ARConfig, DiffusionConfig, Mode, SequenceState, SpecConfig
+from trimode.runtime.sampling import select_tokens, target_probs
+from trimode.runtime.unmasking import even_schedule, first_finished_eos, reveal, token_confidence
 
 
 @dataclass

@@ -15,9 +15,9 @@ from typing import Callable, Union
 
 import torch
 
-from .passes import PassKind
-from .sampling import SamplingParams
-from .unmasking import POLICIES
+from trimode.runtime.passes import PassKind
+from trimode.runtime.sampling import SamplingParams
+from trimode.runtime.unmasking import POLICIES
 
 
 class Mode(str, Enum):

@@ -40,7 +40,7 @@ def percentiles(values: list[float]) -> dict:
 
 def run_level(url: str, mode: str, concurrency: int, prompts: list[list[int]], max_tokens: int, num_requests: int,
               block_length: int | None, timeout: float) -> dict:
-    from trimode.runtime.triton_client import StreamingClient
+    from trimode.runtime.serving.client import StreamingClient
 
     lock = threading.Lock()
     todo = list(range(num_requests))
@@ -139,16 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_serving.json"))
     args = ap.parse_args(argv)
 
-    from trimode.runtime.checkpoint import load_config
-    from trimode.runtime.serving import TritonServer, write_repository
+    from trimode.runtime.model.checkpoint import load_config
+    from trimode.runtime.serving.server import TritonServer, write_repository
 
     tmp = Path(tempfile.mkdtemp(prefix="trimode-bench-"))
     model = args.model
     if model is None and (ROOT / "models" / "tiny-kjv" / "config.json").exists():
         model = str(ROOT / "models" / "tiny-kjv")
     if model in (None, "random"):
-        from trimode.runtime.checkpoint import write_random_checkpoint
-        from trimode.runtime.config import tiny_config
+        from trimode.runtime.model.checkpoint import write_random_checkpoint
+        from trimode.runtime.model.config import tiny_config
 
         model = str(write_random_checkpoint(tmp / "random-tiny", tiny_config(), seed=0, lora_rank=4))
         model_label = "random tiny_config() checkpoint"
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(model)
     rng = np.random.default_rng(args.seed)
     if args.prompts:
-        from trimode.runtime.checkpoint import load_tokenizer
+        from trimode.runtime.model.checkpoint import load_tokenizer
 
         tokenizer = load_tokenizer(model, cfg)
         if tokenizer is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from trimode.build.pipeline import TARGETS, BuildError, BuildOptions, build, finish_from_onnx
 from trimode.build.recipes import RECIPES
 from trimode.build.trt_compile import LAYOUTS
-from trimode.runtime.engine_dir import EngineDirError
+from trimode.runtime.executors.engine_dir import EngineDirError
 
 SPARK_MEMORY_GB = 128.0
 SPARK_RESERVE_GB = 16.0  # the OS and the CPU side of the unified memory
@@ -34,8 +34,8 @@ def memory_budget(model_dir: Path, opts: BuildOptions, gpu_gb: float | None = No
     """Per-GPU weights / KV pages / activations at ``--tp`` for 3B/8B/14B and the given model."""
     from trimode.build.memory_planner import REFERENCE_CONFIGS, plan_memory, smallest_tp
     from trimode.build.recipes import get_recipe
-    from trimode.runtime.checkpoint import load_config
-    from trimode.runtime.distributed import TensorParallelConfigError
+    from trimode.runtime.model.checkpoint import load_config
+    from trimode.runtime.parallel.comm import TensorParallelConfigError
 
     spark = opts.target == "spark"
     gpu_gb = gpu_gb or TARGET_GPU_GB[opts.target]

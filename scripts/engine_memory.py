@@ -27,9 +27,9 @@ def _rss_mb() -> float:
 def measure(engine: str, kinds: list[str]) -> tuple[float, float]:
     import torch
 
-    from trimode.runtime.engine_dir import read_manifest
+    from trimode.runtime.executors.engine_dir import read_manifest
     from trimode.runtime.kv_cache import PagedKVCache
-    from trimode.runtime.onnx_executor import OnnxRuntimeExecutor
+    from trimode.runtime.executors.onnx_executor import OnnxRuntimeExecutor
     from trimode.runtime.passes import PassKind, SeqPass
 
     torch.set_num_threads(1)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.kinds:
         print(json.dumps(measure(a.engine, a.kinds.split(","))))
         return 0
-    from trimode.runtime.engine_dir import read_manifest
+    from trimode.runtime.executors.engine_dir import read_manifest
 
     m = read_manifest(a.engine)
     weights_mb = m["files"]["onnx/weights.bin"]["bytes"] / 2**20

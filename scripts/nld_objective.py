@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trimode.runtime.model import NLDModel, causal_mask
+from trimode.runtime.model.network import NLDModel, causal_mask
 
 # ---- attention masks ------------------------------------------------------------------------------------
 

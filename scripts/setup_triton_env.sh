@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy
 import torch  # noqa: F401
 import pytriton
-import trimode.runtime.triton_model  # noqa: F401
+import trimode.runtime.serving.triton_model  # noqa: F401
 
 assert int(numpy.__version__.split(".")[0]) < 2, numpy.__version__
 root = Path(pytriton.__file__).parent / "tritonserver"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import nld_objective as obj
-from trimode.runtime.model import LoraAdapter, NLDModel
+from trimode.runtime.model.network import LoraAdapter, NLDModel
 
 PHASES = ("ar", "joint", "lora", "done")
 

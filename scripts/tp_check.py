@@ -84,9 +84,9 @@ def main() -> int:
     import torch
 
     from trimode.runtime.api import TriModeLM
-    from trimode.runtime.checkpoint import load_config
-    from trimode.runtime.distributed import TensorParallelError, init_tensor_parallel
-    from trimode.runtime.tensor_parallel import load_tensor_parallel
+    from trimode.runtime.model.checkpoint import load_config
+    from trimode.runtime.parallel.comm import TensorParallelError, init_tensor_parallel
+    from trimode.runtime.parallel.sharding import load_tensor_parallel
 
     cfg = load_config(args.model)
     gen = torch.Generator().manual_seed(0)

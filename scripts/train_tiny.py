@@ -36,10 +36,10 @@ import kjv_corpus  # noqa: E402
 import nld_objective as obj  # noqa: E402
 from tiny_run import Run  # noqa: E402
 
-from trimode.runtime.checkpoint import load_model, save_checkpoint  # noqa: E402
-from trimode.runtime.config import ModelConfig, RopeConfig  # noqa: E402
-from trimode.runtime.model import NLDModel  # noqa: E402
-from trimode.runtime.tokenizer import Tokenizer  # noqa: E402
+from trimode.runtime.model.checkpoint import load_model, save_checkpoint  # noqa: E402
+from trimode.runtime.model.config import ModelConfig, RopeConfig  # noqa: E402
+from trimode.runtime.model.network import NLDModel  # noqa: E402
+from trimode.runtime.model.tokenizer import Tokenizer  # noqa: E402
 
 PRESETS = {  # model shapes; "kjv" is the shipped model, "test" the unit-test one
     "kjv": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,

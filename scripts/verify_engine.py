@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from trimode.build.trt_compile import tensorrt_status
-from trimode.runtime.engine_dir import EngineDirError, engine_checkpoint, load_engine_model, open_engine, read_manifest
+from trimode.runtime.executors.engine_dir import EngineDirError, engine_checkpoint, load_engine_model, open_engine, read_manifest
 
 
 def prompts(lm, batch: int, seed: int = 0) -> list[list[int]]:
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if executor == "tensorrt" else "cpu"
         if executor == "tensorrt":
             from trimode.runtime.api import TriModeLM
-            from trimode.runtime.checkpoint import load_tokenizer
-            from trimode.runtime.trt_executor import TensorRTExecutor
+            from trimode.runtime.model.checkpoint import load_tokenizer
+            from trimode.runtime.executors.trt_executor import TensorRTExecutor
 
             model = load_engine_model(engine_checkpoint(engine)).to(device)
             lm = TriModeLM(model, load_tokenizer(engine_checkpoint(engine), model.config), num_pages=512,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from trimode.runtime.checkpoint import load_model, save_checkpoint, write_random_checkpoint
-from trimode.runtime.config import tiny_config
-from trimode.runtime.tokenizer import word_level_tokenizer
+from trimode.runtime.model.checkpoint import load_model, save_checkpoint, write_random_checkpoint
+from trimode.runtime.model.config import tiny_config
+from trimode.runtime.model.tokenizer import word_level_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "tiny-kjv"

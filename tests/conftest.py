@@ -11,8 +11,8 @@ import torch
 torch.set_num_threads(int(os.environ.get("TRIMODE_TEST_THREADS", "1")))
 
 from trimode.runtime.api import TriModeLM  # noqa: E402
-from trimode.runtime.checkpoint import write_random_checkpoint  # noqa: E402
-from trimode.runtime.config import RopeConfig, tiny_config  # noqa: E402
+from trimode.runtime.model.checkpoint import write_random_checkpoint  # noqa: E402
+from trimode.runtime.model.config import RopeConfig, tiny_config  # noqa: E402
 
 VARIANTS = {
     # name: (config overrides, lora rank)

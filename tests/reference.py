@@ -1,6 +1,6 @@
 """An independent, deliberately simple reference for the NLD model and its three greedy decoding algorithms.
 
-Written from ``shared/spec/model.md`` (and the runtime brief), NOT from ``trimode.runtime.model``/``rope``:
+Written from ``shared/spec/model.md`` (and the runtime brief), NOT from ``trimode.runtime.model.network``/``rope``:
 the forward reads the raw checkpoint tensors with safetensors and does its own math (float64 by default),
 so a bug in the runtime's layer math, RoPE, query scaling, GQA or LoRA shows up as a disagreement.
 
@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import torch
 from safetensors import safe_open
 
-from trimode.runtime.config import ModelConfig
+from trimode.runtime.model.config import ModelConfig
 
 # ---- weights ------------------------------------------------------------------------------------------
 

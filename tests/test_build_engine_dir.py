@@ -18,7 +18,7 @@ import pytest
 
 from build_helpers import BUILD_SCRIPT, child_env, finish, start_build
 from trimode.build.pipeline import BuildError, BuildOptions
-from trimode.runtime.engine_dir import (EngineDirError, EngineMismatch, check_engine_dir, checkpoint_hash,
+from trimode.runtime.executors.engine_dir import (EngineDirError, EngineMismatch, check_engine_dir, checkpoint_hash,
                                         open_engine, read_manifest)
 
 

@@ -12,7 +12,7 @@ import pytest
 from build_helpers import finish, start_build
 from graph_checks import compare_kinds, filled_cache, kind_passes, plugin_nodes, run_graph, torch_reference
 from trimode.build.plugin_ops import contrib_session, register_onnx_schemas
-from trimode.runtime.checkpoint import load_model
+from trimode.runtime.model.checkpoint import load_model
 
 VARIANTS = ("gqa2-yarn-lora", "gqa4-yarn-qscale")  # GQA 2 and 4, YaRN, Llama-4 query scaling, LoRA ranks 4 / 8
 

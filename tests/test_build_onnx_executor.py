@@ -9,8 +9,8 @@ import pytest
 
 from build_helpers import finish, start_build
 from conftest import random_prompts
-from trimode.runtime.engine_dir import open_engine
-from trimode.runtime.onnx_executor import OnnxRuntimeExecutor
+from trimode.runtime.executors.engine_dir import open_engine
+from trimode.runtime.executors.onnx_executor import OnnxRuntimeExecutor
 from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
 
 

@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from build_helpers import SHIPPED, finish, source_model, start_build
 from trimode.build.evaluate import compare
-from trimode.build.quantized_loader import (FP8InputLinear, load_quantized_model, read_quant_config, unpack_int4)
-from trimode.runtime.checkpoint import load_model, load_tokenizer
+from trimode.runtime.model.quantized import (FP8InputLinear, load_quantized_model, read_quant_config, unpack_int4)
+from trimode.runtime.model.checkpoint import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 RECIPES = ("fp8", "fp8-kv", "w4a16")
@@ -146,7 +146,7 @@ def test_quantized_onnxruntime_executor_matches_torch_tokens(builds):
     import torch
 
     from trimode.build.evaluate import _logits
-    from trimode.runtime.engine_dir import open_engine
+    from trimode.runtime.executors.engine_dir import open_engine
 
     prompts = [[5, 9, 14, 200, 31], [7, 8, 400, 22, 19, 3 + 40, 77, 90]]
     for r in RECIPES:

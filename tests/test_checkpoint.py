@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trimode.runtime.checkpoint import (CheckpointError, load_model, load_tokenizer, save_checkpoint,
+from trimode.runtime.model.checkpoint import (CheckpointError, load_model, load_tokenizer, save_checkpoint,
                                         write_random_checkpoint)
-from trimode.runtime.config import tiny_config
-from trimode.runtime.model import causal_mask
+from trimode.runtime.model.config import tiny_config
+from trimode.runtime.model.network import causal_mask
 
 
 def _logits(model, ids):
@@ -134,8 +134,8 @@ def test_meta_loading_skips_init_only_in_its_own_thread():
 
     from torch import nn
 
-    from trimode.runtime import model as model_module
-    from trimode.runtime.model import NLDModel, on_meta_device
+    from trimode.runtime.model import network as model_module
+    from trimode.runtime.model.network import NLDModel, on_meta_device
 
     def load():
         for _ in range(10):
@@ -158,8 +158,8 @@ def test_stream_decoder_increments_add_up_to_the_decoded_text():
     decoded text, holding back only a trailing incomplete character."""
     import random
 
-    from trimode.runtime.checkpoint import load_config
-    from trimode.runtime.tokenizer import StreamDecoder
+    from trimode.runtime.model.checkpoint import load_config
+    from trimode.runtime.model.tokenizer import StreamDecoder
 
     shipped = Path(__file__).resolve().parent.parent / "models" / "tiny-kjv"
     tok = load_tokenizer(shipped, load_config(shipped))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trimode.runtime.model import causal_mask
+from trimode.runtime.model.network import causal_mask
 from trimode.runtime.passes import PassKind, SeqPass
 from trimode.runtime.request import GenerationRequest, SpecConfig
 

@@ -16,7 +16,7 @@ import torch
 from trimode.plugins import dispatch
 from trimode.plugins.kv_append import kv_append_reference
 from trimode.plugins.paged_attention import AttentionConfig, paged_attention_reference
-from trimode.runtime.executor import TorchExecutor
+from trimode.runtime.executors.torch_executor import TorchExecutor
 from trimode.runtime.passes import PassKind, SeqPass
 
 from conftest import make_lm, random_prompts

@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trimode.runtime.checkpoint import load_model, write_random_checkpoint
-from trimode.runtime.config import RopeConfig, tiny_config
+from trimode.runtime.model.checkpoint import load_model, write_random_checkpoint
+from trimode.runtime.model.config import RopeConfig, tiny_config
 
 try:  # tests/ may or may not be a package
     from .reference import (block_allowed, causal_allowed, load_reference, ref_ar_generate,

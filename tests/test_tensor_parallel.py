@@ -22,13 +22,13 @@ import torch
 
 from trimode.build.memory_planner import REFERENCE_CONFIGS, main as planner_main, plan_memory, smallest_tp
 from trimode.runtime.api import TriModeLM
-from trimode.runtime.checkpoint import load_config, load_model
-from trimode.runtime.config import tiny_config
-from trimode.runtime.distributed import (TensorParallelConfigError, TPComm, discover_launch,
+from trimode.runtime.model.checkpoint import load_config, load_model
+from trimode.runtime.model.config import tiny_config
+from trimode.runtime.parallel.comm import (TensorParallelConfigError, TPComm, discover_launch,
                                          init_tensor_parallel)
 from trimode.runtime.passes import PassKind, SeqPass
 from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
-from trimode.runtime.tensor_parallel import (check_tensor_parallel, decode_step, encode_step, load_sharded_model,
+from trimode.runtime.parallel.sharding import (check_tensor_parallel, decode_step, encode_step, load_sharded_model,
                                              load_tensor_parallel)
 
 from conftest import random_prompts

@@ -21,9 +21,9 @@ import kjv_corpus  # noqa: E402
 import nld_objective as obj  # noqa: E402
 import train_tiny  # noqa: E402
 
-from trimode.runtime.checkpoint import load_model, load_tokenizer  # noqa: E402
-from trimode.runtime.config import tiny_config  # noqa: E402
-from trimode.runtime.model import NLDModel, causal_mask  # noqa: E402
+from trimode.runtime.model.checkpoint import load_model, load_tokenizer  # noqa: E402
+from trimode.runtime.model.config import tiny_config  # noqa: E402
+from trimode.runtime.model.network import NLDModel, causal_mask  # noqa: E402
 
 SHIPPED = ROOT / "models" / "tiny-kjv"
 _SUBJECTS = ["the LORD", "Moses", "the king", "the people", "David", "the priest", "Israel"]

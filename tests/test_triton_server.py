@@ -26,7 +26,7 @@ BLOCK = 8  # tiny_config's block_size
 
 
 def _ensure_backend_env() -> None:
-    from trimode.runtime.serving import ServingError, find_triton_env
+    from trimode.runtime.serving.server import ServingError, find_triton_env
 
     try:
         find_triton_env()
@@ -41,7 +41,7 @@ def _ensure_backend_env() -> None:
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
     _ensure_backend_env()
-    from trimode.runtime.serving import TritonServer, write_repository
+    from trimode.runtime.serving.server import TritonServer, write_repository
 
     repo = write_repository(tmp_path_factory.mktemp("repo"), ckpt, num_pages=NUM_PAGES, page_size=PAGE_SIZE,
                             max_concurrent_requests=8, max_tokens_limit=1000, default_mode="ar", torch_threads=1,
@@ -64,7 +64,7 @@ def lm(ckpt):
 
 
 def client(server):
-    from trimode.runtime.triton_client import StreamingClient
+    from trimode.runtime.serving.client import StreamingClient
 
     return StreamingClient(server.grpc_url)
 
@@ -210,7 +210,7 @@ def test_kv_pressure_queues_without_errors_or_leaks(server, lm):
 # ---- bad requests ---------------------------------------------------------------------------------------
 
 def test_bad_requests_get_errors_and_the_server_carries_on(server, lm):
-    from trimode.runtime.triton_client import make_input
+    from trimode.runtime.serving.client import make_input
 
     long_prompt = prompt_words(NUM_PAGES * PAGE_SIZE + 8)
     bad = [
@@ -248,7 +248,7 @@ def test_bad_requests_get_errors_and_the_server_carries_on(server, lm):
 
 _KILLED_CLIENT = """
 import sys
-from trimode.runtime.triton_client import StreamingClient
+from trimode.runtime.serving.client import StreamingClient
 c = StreamingClient(sys.argv[1])
 c.send(text_input=sys.argv[2], max_tokens=int(sys.argv[3]), mode="ar")
 c.receive(timeout=60, on_chunk=lambda ids: (print("streaming", flush=True), sys.stdin.readline()))
@@ -275,7 +275,7 @@ def test_killed_client_frees_its_pages(server):
 
 
 def test_client_cancel_mid_stream_frees_pages(server):
-    from trimode.runtime.triton_client import StreamingClient
+    from trimode.runtime.serving.client import StreamingClient
 
     before = stats(server)
     c = StreamingClient(server.grpc_url)
@@ -294,7 +294,7 @@ def test_client_cancel_mid_stream_frees_pages(server):
 def test_http_health_config_metrics_and_generate_stream(server, lm):
     import tritonclient.http as httpclient
 
-    from trimode.runtime.serving import metrics
+    from trimode.runtime.serving.server import metrics
 
     c = httpclient.InferenceServerClient(server.http_url)
     try:
@@ -333,7 +333,7 @@ def test_two_mpi_ranks_serve_what_one_process_computes(ckpt, lm, tmp_path):
     and stopping the server releases the worker: the whole job exits 0."""
     from test_tensor_parallel import _mpiexec
 
-    from trimode.runtime.triton_client import StreamingClient
+    from trimode.runtime.serving.client import StreamingClient
 
     _ensure_backend_env()
     cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "trimode.runtime.cli", "serve", "--tp", "2",

@@ -31,8 +31,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .api import TriModeLM
-from .request import GenerationRequest, GenerationResult, RequestError
+from trimode.runtime.api import TriModeLM
+from trimode.runtime.request import GenerationRequest, GenerationResult, RequestError
 
 ADMISSION_POLICIES = ("reserve", "greedy")
 

@@ -253,9 +253,9 @@ def generate_tensor_parallel(args, generate_with) -> int:
     connection close and stop with an error too."""
     import sys
 
-    from .checkpoint import CheckpointError
-    from .engine_dir import EngineDirError
-    from .tensor_parallel import load_tensor_parallel
+    from trimode.runtime.model.checkpoint import CheckpointError
+    from trimode.runtime.executors.engine_dir import EngineDirError
+    from trimode.runtime.parallel.sharding import load_tensor_parallel
 
     where = ""
 
@@ -273,7 +273,7 @@ def generate_tensor_parallel(args, generate_with) -> int:
     where = "" if comm.is_leader else f"(rank {comm.rank}) "
     try:
         if getattr(args, "engine", None):  # a `build_engine.py --tp N` directory: each rank runs its graph set
-            from .engine_dir import open_engine_tensor_parallel
+            from trimode.runtime.executors.engine_dir import open_engine_tensor_parallel
 
             if args.executor != "onnxruntime":
                 raise TensorParallelConfigError(f"--engine with --tp runs each rank's graphs with the onnxruntime "

@@ -20,11 +20,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .engine_dir import check_engine_dir, tensor_parallel_size
-from .executor import Executor, register_executor
-from .kv_cache import PagedKVCache
-from .onnx_executor import graph_feeds, run_by_engine_kind
-from .passes import SeqPass
+from trimode.runtime.executors.engine_dir import check_engine_dir, tensor_parallel_size
+from trimode.runtime.executors.base import Executor, register_executor
+from trimode.runtime.kv_cache import PagedKVCache
+from trimode.runtime.executors.onnx_executor import graph_feeds, run_by_engine_kind
+from trimode.runtime.passes import SeqPass
 
 
 class _Context:
@@ -41,7 +41,7 @@ class TensorRTExecutor(Executor):
     def __init__(self, engine_dir: str | Path, cache: PagedKVCache, model=None, check: bool = True) -> None:
         import tensorrt as trt
 
-        from ..plugins import register_tensorrt_plugins
+        from trimode.plugins import register_tensorrt_plugins
 
         self.engine_dir = Path(engine_dir)
         manifest = check_engine_dir(self.engine_dir, page_size=cache.page_size) if check else \

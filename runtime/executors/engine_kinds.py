@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..runtime.passes import PassKind
+from trimode.runtime.passes import PassKind
 
 
 @dataclass(frozen=True)

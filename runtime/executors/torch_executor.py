@@ -1,49 +1,22 @@
-"""Executors turn a step's passes into logits. One small interface, a registry, and the torch executor.
+"""The torch executor: the NLDModel's layers in PyTorch, the reference every other executor is compared with.
 
-Every executor reads and writes the one ``PagedKVCache`` it is given: kept passes write their K/V at their
-positions (the scheduler has reserved the pages), other passes only read. The torch executor builds the op
-inputs of docs/kernels.md (block tables, context lengths, query offsets, slot mapping) once per forward and
-calls ``trimode.plugins`` for attention and KV writes. The onnxruntime and TensorRT executors (engine
-directories) register here too; they are imported lazily.
+It builds the op inputs of docs/kernels.md (block tables, context lengths, query offsets, slot mapping) once
+per forward and calls ``trimode.plugins.dispatch`` for attention and KV writes (Triton kernels on CUDA, the
+torch references on CPU).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from ..plugins import dispatch as ops
-from .kv_cache import PagedKVCache
-from .model import NLDModel
-from .passes import SeqPass
-
-
-class Executor(ABC):
-    """Runs one forward over a batch of passes; returns fp32 logits [num_logits, V] per pass."""
-
-    cache: PagedKVCache
-
-    @abstractmethod
-    def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]: ...
-
-
-_REGISTRY: dict[str, Callable[..., Executor]] = {}
-
-
-def register_executor(name: str) -> Callable:
-    def wrap(factory: Callable[..., Executor]) -> Callable[..., Executor]:
-        _REGISTRY[name] = factory
-        return factory
-    return wrap
-
-
-def make_executor(name: str, **kwargs) -> Executor:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown executor {name!r}; available: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
+from trimode.plugins import dispatch as ops
+from trimode.runtime.executors.base import Executor, register_executor
+from trimode.runtime.kv_cache import PagedKVCache
+from trimode.runtime.model.network import NLDModel
+from trimode.runtime.passes import SeqPass
 
 
 @dataclass(frozen=True)

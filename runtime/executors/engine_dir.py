@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trimode.plugins import PLUGIN_VERSIONS
+
 MANIFEST = "manifest.json"
 FORMAT = "trimode-engine"
 FORMAT_VERSION = 1
@@ -137,8 +139,9 @@ def check_engine_dir(directory: str | Path, *, model_hash: str | None = None, pa
 
 
 def current_plugin_versions() -> dict[str, str]:
-    """The plugin versions this runtime implements (docs/kernels.md): what an engine's graphs must carry."""
-    return {"paged_attention": "1", "kv_append": "1"}
+    """The plugin versions this runtime implements (``trimode.plugins.PLUGIN_VERSIONS``): what an engine's
+    graphs must carry."""
+    return dict(PLUGIN_VERSIONS)
 
 
 def tensor_parallel_size(manifest: dict[str, Any]) -> int:
@@ -160,8 +163,8 @@ def _placeholder_model(checkpoint: Path, tp: int = 1):
     """An ``NLDModel`` of the checkpoint's config whose tensors are allocated but never written or read: what
     ``TriModeLM`` needs (config, dtype, device, the KV heads this rank holds) when an engine executor
     computes (untouched pages stay non-resident)."""
-    from .checkpoint import load_config
-    from .model import NLDModel, on_meta_device
+    from trimode.runtime.model.checkpoint import load_config
+    from trimode.runtime.model.network import NLDModel, on_meta_device
 
     with on_meta_device():
         model = NLDModel(load_config(checkpoint))
@@ -175,8 +178,8 @@ def open_engine(directory: str | Path, executor: str = "onnxruntime", num_pages:
     """A ``TriModeLM`` over an engine directory: the manifest is checked first (a mismatch is refused), then
     ``executor`` runs it: "onnxruntime" (the reference-form graphs), or "torch" (the engine's checkpoint,
     dequantized if quantized: the baseline the engines are compared with)."""
-    from .api import TriModeLM
-    from .checkpoint import load_tokenizer
+    from trimode.runtime.api import TriModeLM
+    from trimode.runtime.model.checkpoint import load_tokenizer
 
     directory = Path(directory)
     manifest = check_engine_dir(directory, page_size=page_size)
@@ -188,7 +191,7 @@ def open_engine(directory: str | Path, executor: str = "onnxruntime", num_pages:
         model = load_engine_model(ckpt)
         factory = "torch"
     elif executor == "onnxruntime":
-        from .onnx_executor import OnnxRuntimeExecutor
+        from trimode.runtime.executors.onnx_executor import OnnxRuntimeExecutor
 
         model = _placeholder_model(ckpt)
 
@@ -207,8 +210,8 @@ def open_engine_tensor_parallel(directory: str | Path, comm, num_pages: int = 51
     """This rank's part of a ``--tp N`` engine directory, run by the onnxruntime executor on its graph set.
     Rank 0 gets a ``TriModeLM`` (close it with ``lm.executor.close()``), the other ranks a
     ``TensorParallelWorker`` (call ``serve()``), as ``tensor_parallel.load_tensor_parallel``."""
-    from .onnx_executor import OnnxRuntimeExecutor
-    from .tensor_parallel import rank_runtime
+    from trimode.runtime.executors.onnx_executor import OnnxRuntimeExecutor
+    from trimode.runtime.parallel.sharding import rank_runtime
 
     directory = Path(directory)
     manifest = check_engine_dir(directory, page_size=page_size)
@@ -227,10 +230,10 @@ def open_engine_tensor_parallel(directory: str | Path, comm, num_pages: int = 51
 
 def load_engine_model(checkpoint: Path):
     """The torch model of an engine's checkpoint (quantized checkpoints dequantized, FP8 inputs simulated)."""
-    from .checkpoint import load_model
+    from trimode.runtime.model.checkpoint import load_model
 
     if (Path(checkpoint) / "hf_quant_config.json").is_file():
-        from ..build.quantized_loader import load_quantized_model
+        from trimode.runtime.model.quantized import load_quantized_model
 
         return load_quantized_model(checkpoint)
     return load_model(checkpoint)

@@ -45,9 +45,9 @@ try:  # present only inside the Triton Python backend stub
 except ImportError:  # pragma: no cover - imported outside Triton (tests of the parsing code)
     pb_utils = None
 
-from .request import ARConfig, DiffusionConfig, GenerationRequest, GenerationResult, Mode, RequestError, SpecConfig
-from .sampling import SamplingParams
-from .tokenizer import StreamDecoder
+from trimode.runtime.request import ARConfig, DiffusionConfig, GenerationRequest, GenerationResult, Mode, RequestError, SpecConfig
+from trimode.runtime.sampling import SamplingParams
+from trimode.runtime.model.tokenizer import StreamDecoder
 
 MODES = tuple(m.value for m in Mode)
 INPUTS = ("text_input", "input_ids", "max_tokens", "mode", "block_length", "threshold", "temperature", "top_p",
@@ -367,8 +367,8 @@ _METRICS = {
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        from .api import TriModeLM
-        from .service import EngineService
+        from trimode.runtime.api import TriModeLM
+        from trimode.runtime.serving.engine_service import EngineService
 
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
@@ -386,8 +386,8 @@ class TritonPythonModel:
             torch.set_num_threads(p["torch_threads"])
         self.comm, keepalive = None, None
         if p["tp"] > 1:  # rank 0 of a tensor-parallel group; the workers are `trimode serve --tp N` ranks 1..N-1
-            from .distributed import join_group
-            from .tensor_parallel import load_tensor_parallel
+            from trimode.runtime.parallel.comm import join_group
+            from trimode.runtime.parallel.sharding import load_tensor_parallel
 
             host, _, port = p["tp_master"].rpartition(":")
             if not host or not port.isdigit():

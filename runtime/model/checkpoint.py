@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig
-from .model import LoraAdapter, NLDModel, on_meta_device
-from .tokenizer import Tokenizer, TokenizerError, word_level_tokenizer
+from trimode.runtime.model.config import ConfigError, ModelConfig
+from trimode.runtime.model.network import LoraAdapter, NLDModel, on_meta_device
+from trimode.runtime.model.tokenizer import Tokenizer, TokenizerError, word_level_tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -168,7 +168,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory")
     if (path / "hf_quant_config.json").is_file():  # ModelOpt unified checkpoint (build/quantize.py)
-        from ..build.quantized_loader import load_quantized_model
+        from trimode.runtime.model.quantized import load_quantized_model
 
         return load_quantized_model(path, dtype=dtype, device=device, load_adapter=load_adapter)
     cfg = load_config(path)
@@ -186,7 +186,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
 
 
 def _reset_rope(model: NLDModel) -> None:
-    from .rope import rope_frequencies
+    from trimode.runtime.model.rope import rope_frequencies
 
     inv_freq, _ = rope_frequencies(model.config.rope, model.config.head_dim)
     model.inv_freq = inv_freq

@@ -24,11 +24,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..build.engine_kinds import PASS_TO_KIND  # which engine kind serves each pass kind
-from .engine_dir import EngineMismatch, check_engine_dir, graph_dir, tensor_parallel_size
-from .executor import Executor, register_executor
-from .kv_cache import PagedKVCache
-from .passes import SeqPass
+from trimode.runtime.executors.engine_kinds import PASS_TO_KIND  # which engine kind serves each pass kind
+from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir, graph_dir, tensor_parallel_size
+from trimode.runtime.executors.base import Executor, register_executor
+from trimode.runtime.kv_cache import PagedKVCache
+from trimode.runtime.passes import SeqPass
 
 # a kind this engine directory lacks can be served by one computing the same graph with other shape ranges
 SAME_GRAPH = {"prefill": ("verify", "decode"), "decode": ("verify", "prefill"), "verify": ("prefill", "decode")}
@@ -142,7 +142,7 @@ class _KindSession:
         if collectives:  # the tensor-parallel all-reduce contrib op (build/plugin_ops.py)
             from onnxruntime_extensions import get_library_path
 
-            from ..build.plugin_ops import register_ort_contrib_ops
+            from trimode.runtime.executors.ort_ops import register_ort_contrib_ops
 
             register_ort_contrib_ops()
             so.register_custom_ops_library(get_library_path())
@@ -184,7 +184,7 @@ class OnnxRuntimeExecutor(Executor):
         wanted = list(kinds) if kinds is not None else list(available)
         onnx_dir = self.engine_dir / graph_dir(manifest, comm.rank if self.comm else 0)
         if self.comm is not None:
-            from ..build.plugin_ops import register_tp_comm
+            from trimode.runtime.executors.ort_ops import register_tp_comm
 
             register_tp_comm(self.comm)
         self.shared = SharedInitializers(onnx_dir)

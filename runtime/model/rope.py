@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .config import RopeConfig
+from trimode.runtime.model.config import RopeConfig
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

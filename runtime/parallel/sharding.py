@@ -34,17 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (LORA_DIR, CheckpointError, _check_and_load, _reset_rope, _weight_files, load_config,
+from trimode.runtime.model.checkpoint import (LORA_DIR, CheckpointError, _check_and_load, _reset_rope, _weight_files, load_config,
                          load_lora, load_tokenizer, read_safetensors, torch_dtype)
-from .config import ModelConfig
-from .distributed import TensorParallelConfigError, TensorParallelError, TPComm
-from .executor import Executor, make_executor
-from .kv_cache import PagedKVCache
-from .model import LoraAdapter, NLDModel, on_meta_device
-from .passes import PassKind, SeqPass
+from trimode.runtime.model.config import ModelConfig
+from trimode.runtime.parallel.comm import TensorParallelConfigError, TensorParallelError, TPComm
+from trimode.runtime.executors.base import Executor, make_executor
+from trimode.runtime.kv_cache import PagedKVCache
+from trimode.runtime.model.network import LoraAdapter, NLDModel, on_meta_device
+from trimode.runtime.passes import PassKind, SeqPass
 
 if TYPE_CHECKING:
-    from .api import TriModeLM
+    from trimode.runtime.api import TriModeLM
 
 _ROW_SPLIT = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
 _COL_SPLIT = ("o_proj.weight", "down_proj.weight")
@@ -303,7 +303,7 @@ def rank_runtime(model: NLDModel, comm: TPComm, make_inner: Callable[[NLDModel, 
     executor uses): rank 0 a ``TriModeLM`` whose executor broadcasts each step before running
     ``make_inner(model, cache)``, the other ranks a ``TensorParallelWorker`` on a mirrored pool; then every
     rank checks that all agree on the model and the pool."""
-    from .api import TriModeLM
+    from trimode.runtime.api import TriModeLM
 
     cfg = model.config
     if comm.is_leader:

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from .request import Mode
+from trimode.runtime.request import Mode
 
 MODES = [m.value for m in Mode]
 
@@ -84,17 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
-    from .distributed import add_tp_arguments
+    from trimode.runtime.parallel.comm import add_tp_arguments
 
     add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
-    from .serving import add_subparsers as add_serving
+    from trimode.runtime.serving.server import add_subparsers as add_serving
 
     add_serving(sub)  # triton-repo, serve
     return parser
 
 
 def _mode_config(args: argparse.Namespace, block_size: int):
-    from .request import ARConfig, DiffusionConfig, SpecConfig
+    from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
 
     block = args.block_length or block_size
     if args.mode == "ar":
@@ -109,12 +109,12 @@ def _mode_config(args: argparse.Namespace, block_size: int):
 
 def generate(args: argparse.Namespace, lm=None) -> int:
     """Generate from args.prompt with ``lm`` (loaded from args.model if None; rank 0's shard under --tp)."""
-    from .api import TriModeLM
-    from .checkpoint import CheckpointError
-    from .tokenizer import StreamDecoder
+    from trimode.runtime.api import TriModeLM
+    from trimode.runtime.model.checkpoint import CheckpointError
+    from trimode.runtime.model.tokenizer import StreamDecoder
 
     if lm is None and args.engine:
-        from .engine_dir import EngineDirError, open_engine
+        from trimode.runtime.executors.engine_dir import EngineDirError, open_engine
 
         try:
             lm = open_engine(args.engine, executor=args.executor)
@@ -159,16 +159,16 @@ def generate(args: argparse.Namespace, lm=None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .request import RequestError
-    from .sampling import SamplingError
-    from .serving import ServingError
+    from trimode.runtime.request import RequestError
+    from trimode.runtime.sampling import SamplingError
+    from trimode.runtime.serving.server import ServingError
 
     try:
         if hasattr(args, "handler"):
             return args.handler(args)
         if args.command == "generate":
             if args.tp > 1:
-                from .distributed import generate_tensor_parallel
+                from trimode.runtime.parallel.comm import generate_tensor_parallel
 
                 return generate_tensor_parallel(args, generate)
             return generate(args)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
+from trimode.runtime.model.config import ModelConfig
+from trimode.runtime.model.rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
 
 # attend(layer_idx, q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., Hq, D]
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..runtime.checkpoint import (CheckpointError, _check_and_load, _reset_rope, _weight_files, load_config, load_lora,
+from trimode.runtime.model.checkpoint import (CheckpointError, _check_and_load, _reset_rope, _weight_files, load_config, load_lora,
                                   read_safetensors, torch_dtype, LORA_DIR)
-from ..runtime.config import ModelConfig
-from ..runtime.model import NLDModel, on_meta_device
+from trimode.runtime.model.config import ModelConfig
+from trimode.runtime.model.network import NLDModel, on_meta_device
 
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 SUPPORTED_ALGOS = ("FP8", "W4A16_AWQ", "MIXED_PRECISION")

@@ -1,0 +1,7 @@
+"""``python -m trimode.runtime.cli`` (torchrun launches it this way)."""
+
+import sys
+
+from trimode.runtime.cli.main import main
+
+sys.exit(main())

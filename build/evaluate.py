@@ -83,7 +83,6 @@ def compare(reference: NLDModel, quantized: NLDModel, ids: list[int], num_prompt
 
 def main(argv: list[str] | None = None) -> int:
     from trimode.runtime.model.checkpoint import load_model, load_tokenizer
-    from trimode.runtime.executors.engine_dir import load_engine_model  # quantized (dequantized, Q/DQ simulated) or plain
     from trimode.runtime.model.quantized import load_quantized_model
 
     p = argparse.ArgumentParser(prog="python -m trimode.build.evaluate", description=__doc__.split("\n")[0])
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"quantized": "control: reference in bfloat16", **{k: round(v, 4) for k, v in
                                                                             result.items()}}))
     for q in a.quantized:
-        model = load_quantized_model(q, simulate_activations=False) if a.weights_only else load_engine_model(q)
+        model = load_quantized_model(q, simulate_activations=False) if a.weights_only else load_model(q)
         result = compare(reference, model, ids, a.num_prompts, a.prompt_len, a.new_tokens)
         label = q.as_posix() + (" (weights only)" if a.weights_only else "")
         print(json.dumps({"quantized": label, **{k: round(v, 4) for k, v in result.items()}}))

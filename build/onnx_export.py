@@ -17,7 +17,7 @@ from typing import Callable
 import onnx
 from onnx import external_data_helper
 
-from trimode.runtime.model.checkpoint import LORA_DIR, _weight_files, load_config, load_lora, read_safetensors
+from trimode.runtime.model.hf_format import LORA_DIR, load_config, load_lora, read_safetensors, weight_files
 from trimode.runtime.executors.engine_kinds import ENGINE_KINDS
 from trimode.build.onnx_graph import ModelWeights, build_graph
 from trimode.runtime.model.quantized import is_quantized_checkpoint, read_quantized_checkpoint
@@ -33,7 +33,7 @@ def load_weights(checkpoint: str | Path) -> ModelWeights:
     if is_quantized_checkpoint(checkpoint):
         cfg, _, tensors = read_quantized_checkpoint(checkpoint)
     else:
-        cfg, tensors = load_config(checkpoint), read_safetensors(_weight_files(checkpoint))
+        cfg, tensors = load_config(checkpoint), read_safetensors(weight_files(checkpoint))
     kv_scales = {k: float(v) for k, v in tensors.items() if k.endswith((".k_scale", ".v_scale"))}
     lora, scale = None, 1.0
     if (checkpoint / LORA_DIR).is_dir():

@@ -29,9 +29,9 @@ from trimode.runtime.executors.engine_kinds import ENGINE_KINDS, MODE_KINDS, Mod
 from trimode.build.onnx_export import export_graphs, rank_dir_name
 from trimode.build.plugin_ops import PLUGIN_NAMESPACE, plugin_versions
 from trimode.build.recipes import RECIPES, get_recipe
-from trimode.build.trt_compile import LAYOUTS, TARGET_ARCH, build_engines, tensorrt_status
+from trimode.build.targets import TARGETS, TargetError, get_target
+from trimode.build.trt_compile import LAYOUTS, build_engines, tensorrt_status
 
-TARGETS = tuple(TARGET_ARCH)
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxruntime-extensions", "nvidia-modelopt", "transformers", "tensorrt",
          "triton", "safetensors", "tokenizers")
 
@@ -44,7 +44,7 @@ class BuildError(RuntimeError):
 class BuildOptions:
     model: Path
     out: Path
-    recipe: str | None = None  # None: w4a16 for --target spark, else none
+    recipe: str | None = None  # None: the target's default_recipe (w4a16 for --target spark, else none)
     modes: tuple[str, ...] = ("ar", "diffusion", "spec")
     block_length: int = 32
     max_batch: int = 8
@@ -66,16 +66,18 @@ class BuildOptions:
         for name in ("block_length", "max_batch", "max_seq", "page_size", "calib_samples", "calib_seq_len", "tp"):
             if int(getattr(self, name)) < 1:
                 raise BuildError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.target not in TARGETS:
-            raise BuildError(f"unknown --target {self.target!r}; choose from: {', '.join(TARGETS)}")
+        try:
+            target = get_target(self.target)
+        except TargetError as e:
+            raise BuildError(str(e)) from None
         if self.layout not in LAYOUTS:
             raise BuildError(f"unknown TensorRT layout {self.layout!r}; choose from: {', '.join(LAYOUTS)}")
         if self.recipe is not None and self.recipe not in RECIPES:
             raise BuildError(f"unknown recipe {self.recipe!r} (--quant); choose from: {', '.join(RECIPES)}")
-        if self.target == "spark" and self.recipe not in (None, "w4a16"):
-            raise BuildError(f"--target spark builds w4a16 engines (128 GB unified memory); got --quant {self.recipe}")
-        if self.target == "spark" and self.tp != 1:
-            raise BuildError(f"--target spark is one GPU; --tp {self.tp} needs as many GPUs")
+        try:
+            target.check(self.recipe, self.tp)
+        except TargetError as e:
+            raise BuildError(str(e)) from None
         try:
             kinds_for_modes(self.modes)
         except ModeError as e:
@@ -83,7 +85,7 @@ class BuildOptions:
 
     @property
     def recipe_name(self) -> str:
-        return self.recipe or ("w4a16" if self.target == "spark" else "none")
+        return self.recipe or TARGETS[self.target].default_recipe
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -259,8 +261,8 @@ def _compile(root: Path, manifest: dict[str, Any], layout: str) -> dict[str, Any
     import torch
 
     arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
-    if TARGET_ARCH[manifest["target"]] != arch:
-        print(f"warning: --target {manifest['target']} is {TARGET_ARCH[manifest['target']]} but this GPU is {arch}; "
+    if TARGETS[manifest["target"]].arch != arch:
+        print(f"warning: --target {manifest['target']} is {TARGETS[manifest['target']].arch} but this GPU is {arch}; "
               f"TensorRT engines run only on the GPU architecture they were built on", file=sys.stderr)
     return _build_all_ranks(root, root / "trt", manifest, layout)
 

@@ -25,7 +25,6 @@ from typing import Any
 from trimode.runtime.executors.engine_kinds import token_range
 
 LAYOUTS = ("shared", "per-kind")
-TARGET_ARCH = {"hopper": "sm_90", "blackwell": "sm_100", "spark": "sm_121"}
 
 
 def tensorrt_status() -> tuple[bool, str]:

@@ -6,52 +6,94 @@ prompts of any lengths, plus ``run`` for requests that mix modes or switch mode 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from trimode.runtime.model.checkpoint import load_model, load_tokenizer
-from trimode.runtime.engine import Engine
-from trimode.runtime.executors.base import Executor, make_executor
-from trimode.runtime.kv_cache import PagedKVCache
+from trimode.runtime import assembly
+from trimode.runtime.assembly import ExecutorFactory, Runtime
 from trimode.runtime.model.network import NLDModel
-from trimode.runtime.request import (ARConfig, DiffusionConfig, GenerationRequest, GenerationResult, ModeConfig, RequestError,
-                      SpecConfig, TokenCallback)
-from trimode.runtime.sampling import SamplingParams
 from trimode.runtime.model.tokenizer import Tokenizer
+from trimode.runtime.parallel.comm import TPComm
+from trimode.runtime.parallel.step import TensorParallelWorker
+from trimode.runtime.request import (GenerationRequest, GenerationResult, ModeConfig, Mode, RequestError, TokenCallback,
+                                     mode_config)
+from trimode.runtime.sampling import SamplingParams
+from trimode.runtime.settings import DEFAULTS, RuntimeSettings
 
 
 class TriModeLM:
-    def __init__(self, model: NLDModel, tokenizer: Tokenizer | None = None, num_pages: int = 512,
-                 page_size: int = 16, max_batch_size: int = 64,
-                 executor: str | Callable[..., Executor] = "torch") -> None:
-        """``executor``: a registered executor name, or a factory called as ``executor(model=, cache=)``
-        (tensor parallelism wraps the torch executor this way: runtime.tensor_parallel)."""
-        cfg = model.config
-        param = next(model.parameters())
-        self.model, self.tokenizer, self.config = model, tokenizer, cfg
-        # the KV heads this process holds: all of them, or its share under tensor parallelism
-        num_kv_heads = model.encoder.layers[0].self_attn.hkv
-        self.cache = PagedKVCache(cfg.num_hidden_layers, num_kv_heads, cfg.head_dim, num_pages, page_size,
-                                  dtype=param.dtype, device=param.device)
-        if callable(executor):
-            self.executor = executor(model=model, cache=self.cache)
-        else:
-            self.executor = make_executor(executor, model=model, cache=self.cache)
-        self.engine = Engine(self.executor, cfg.mask_token_id, cfg.max_position_embeddings, max_batch_size)
+    """One model, one KV cache, one decoding loop (runtime.assembly.Runtime) behind the reference code's entry
+    points. Construct it with ``from_pretrained`` (a checkpoint), ``from_engine`` (an engine directory) or
+    directly over an ``NLDModel``; under tensor parallelism (``comm=``) rank 0 gets a ``TriModeLM`` and the
+    other ranks a ``TensorParallelWorker``.
+
+    Attributes: ``model``, ``tokenizer`` (None: token ids only), ``config`` (ModelConfig), ``cache``
+    (PagedKVCache), ``executor``, ``engine`` (the loop), ``engine_manifest`` (the checked manifest of an engine
+    directory, else None), ``settings`` (RuntimeSettings).
+    """
+
+    def __init__(self, model: NLDModel, tokenizer: Tokenizer | None = None, num_pages: int | None = None,
+                 page_size: int | None = None, max_batch_size: int | None = None,
+                 executor: str | ExecutorFactory | None = None, settings: RuntimeSettings = DEFAULTS) -> None:
+        """A runtime over ``model``. ``num_pages`` / ``page_size`` / ``max_batch_size`` / ``executor`` override
+        ``settings`` (runtime.settings: 512 pages of 16 tokens, batch 64, the torch executor); ``executor`` may
+        also be a factory called as ``executor(model, cache)``. Raises ``SettingsError`` for values out of range,
+        ``ValueError`` for an unknown executor name."""
+        settings = settings.with_(num_pages=num_pages, page_size=page_size, max_batch_size=max_batch_size,
+                                  executor=executor if isinstance(executor, str) else None)
+        self._attach(assembly.build_runtime(model, tokenizer, settings, executor), settings)
+
+    def _attach(self, rt: Runtime, settings: RuntimeSettings) -> None:
+        self.runtime, self.settings = rt, settings
+        self.model, self.tokenizer, self.config = rt.model, rt.tokenizer, rt.model.config
+        self.cache, self.executor, self.engine, self.engine_manifest = rt.cache, rt.executor, rt.engine, \
+            rt.engine_manifest
+
+    @classmethod
+    def from_runtime(cls, rt: Runtime, settings: RuntimeSettings = DEFAULTS) -> "TriModeLM":
+        """Wrap an assembled ``Runtime`` (runtime.assembly)."""
+        lm = cls.__new__(cls)
+        lm._attach(rt, settings)
+        return lm
+
+    @classmethod
+    def _wrap(cls, loaded: Runtime | TensorParallelWorker,
+              settings: RuntimeSettings) -> "TriModeLM | TensorParallelWorker":
+        return cls.from_runtime(loaded, settings) if isinstance(loaded, Runtime) else loaded
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu",
-                        **kwargs) -> "TriModeLM":
-        model = load_model(path, dtype=dtype, device=device)
-        return cls(model, load_tokenizer(path, model.config), **kwargs)
+                        comm: TPComm | None = None, settings: RuntimeSettings = DEFAULTS,
+                        **overrides) -> "TriModeLM | TensorParallelWorker":
+        """The runtime of checkpoint ``path`` (config.json + safetensors + tokenizer + LoRA; plain or
+        ModelOpt-quantized). ``overrides`` (num_pages, page_size, max_batch_size, executor, kernels) change
+        ``settings``. With ``comm`` (runtime.parallel.comm.init_tensor_parallel) each rank loads its shard:
+        rank 0 gets the ``TriModeLM`` (call ``lm.executor.close()`` at the end), the other ranks a
+        ``TensorParallelWorker`` (call ``serve()``). Raises ``CheckpointError`` naming what is wrong."""
+        settings = settings.with_(**overrides)
+        if comm is not None:
+            return cls._wrap(assembly.from_checkpoint_tensor_parallel(path, comm, settings, dtype), settings)
+        return cls.from_runtime(assembly.from_checkpoint(path, settings, dtype, device), settings)
 
     @classmethod
-    def from_engine(cls, path: str | Path, executor: str = "onnxruntime", **kwargs) -> "TriModeLM":
-        """A runtime over an engine directory (scripts/build_engine.py); the manifest is checked first."""
-        from trimode.runtime.executors.engine_dir import open_engine
-
-        return open_engine(path, executor=executor, **kwargs)
+    def from_engine(cls, path: str | Path, executor: str = "onnxruntime", comm: TPComm | None = None,
+                    settings: RuntimeSettings = DEFAULTS, page_size: int | None = None, num_pages: int | None = None,
+                    max_batch_size: int | None = None, **executor_kwargs) -> "TriModeLM | TensorParallelWorker":
+        """A runtime over an engine directory (scripts/build_engine.py); the manifest is checked first
+        (``EngineDirError`` / ``EngineMismatch`` name what does not match). ``executor``: "onnxruntime" (the
+        graphs) or "torch" (the engine's checkpoint). With ``comm``, this rank's graph set of a ``--tp`` build
+        (onnxruntime only): rank 0 gets the ``TriModeLM``, the others a ``TensorParallelWorker``.
+        ``executor_kwargs`` go to the executor (e.g. ``threads``)."""
+        settings = settings.with_(num_pages=num_pages, max_batch_size=max_batch_size)
+        if comm is not None:
+            if executor != "onnxruntime":
+                raise ValueError(f"a tensor-parallel engine directory runs each rank's graphs with the onnxruntime "
+                                 f"executor, not {executor!r}")
+            loaded = assembly.from_engine_dir_tensor_parallel(path, comm, settings, page_size, **executor_kwargs)
+            return cls._wrap(loaded, settings)
+        rt = assembly.from_engine_dir(path, executor, settings, page_size, **executor_kwargs)
+        return cls.from_runtime(rt, settings.with_(page_size=rt.cache.page_size, executor=executor))
 
     # ---- prompts and requests -------------------------------------------------------------------------
 
@@ -95,20 +137,19 @@ class TriModeLM:
 
     def ar_generate(self, prompts, max_new_tokens: int = 128, **kw) -> list[GenerationResult]:
         """Autoregressive decoding: one token per forward."""
-        return self._batch(prompts, ARConfig(), max_new_tokens, **kw)
+        return self._batch(prompts, mode_config(Mode.AR, self.config.block_size), max_new_tokens, **kw)
 
     def generate(self, prompts, max_new_tokens: int = 128, block_length: int | None = None, policy: str = "threshold",
                  threshold: float | None = None, max_steps: int | None = None, causal_context: bool = True,
                  **kw) -> list[GenerationResult]:
         """Block diffusion: denoise blocks of ``block_length`` (default: the config's block_size).
         ``threshold`` (policy 'threshold' only) defaults to 0.9, the model card's setting."""
-        if policy == "threshold" and threshold is None:
-            threshold = 0.9
-        mode = DiffusionConfig(block_length or self.config.block_size, policy, threshold, max_steps, causal_context)
+        mode = mode_config(Mode.DIFFUSION, self.config.block_size, block_length or None, threshold, policy, max_steps,
+                           causal_context=causal_context)
         return self._batch(prompts, mode, max_new_tokens, **kw)
 
     def linear_spec_generate(self, prompts, max_new_tokens: int = 128, block_length: int | None = None,
                              threshold: float = 0.0, use_lora: bool = True, **kw) -> list[GenerationResult]:
         """Linear self-speculation: diffusion drafts verified by causal passes; lossless w.r.t. ar_generate."""
-        mode = SpecConfig(block_length or self.config.block_size, threshold, use_lora)
+        mode = mode_config(Mode.SPEC, self.config.block_size, block_length or None, threshold, use_lora=use_lora)
         return self._batch(prompts, mode, max_new_tokens, **kw)

@@ -86,6 +86,30 @@ class SpecConfig:
 
 ModeConfig = Union[ARConfig, DiffusionConfig, SpecConfig]
 
+DIFFUSION_THRESHOLD = 0.9  # the model card's confidence threshold for block diffusion
+SPEC_THRESHOLD = 0.0       # one draft pass per block (exact rejection sampling needs it)
+
+
+def mode_config(mode: str | Mode, block_size: int, block_length: int | None = None, threshold: float | None = None,
+                policy: str = "threshold", max_steps: int | None = None, use_lora: bool = True,
+                causal_context: bool = True) -> ModeConfig:
+    """The mode config of a request with the project's defaults filled in: the one factory behind the API, the
+    CLI and the Triton model. ``block_length`` None means the checkpoint's ``block_size``; ``threshold`` None
+    means 0.9 for diffusion's threshold policy (unset for the others) and 0.0 for spec. Raises
+    ``RequestError`` naming the bad value (unknown mode, bad block length, threshold, policy, steps)."""
+    try:
+        mode = Mode(mode)
+    except ValueError:
+        raise RequestError(f"unknown mode {mode!r}: expected one of {', '.join(m.value for m in Mode)}") from None
+    if mode is Mode.AR:
+        return ARConfig()
+    block = block_size if block_length is None else block_length
+    if mode is Mode.DIFFUSION:
+        if policy == "threshold" and threshold is None:
+            threshold = DIFFUSION_THRESHOLD
+        return DiffusionConfig(block, policy, threshold, max_steps, causal_context)
+    return SpecConfig(block, SPEC_THRESHOLD if threshold is None else threshold, use_lora)
+
 
 @dataclass(frozen=True)
 class GenerationRequest:

@@ -20,14 +20,11 @@ import json
 import sys
 from pathlib import Path
 
-from trimode.build.pipeline import TARGETS, BuildError, BuildOptions, build, finish_from_onnx
+from trimode.build.pipeline import BuildError, BuildOptions, build, finish_from_onnx
 from trimode.build.recipes import RECIPES
+from trimode.build.targets import TARGETS
 from trimode.build.trt_compile import LAYOUTS
 from trimode.runtime.executors.engine_dir import EngineDirError
-
-SPARK_MEMORY_GB = 128.0
-SPARK_RESERVE_GB = 16.0  # the OS and the CPU side of the unified memory
-TARGET_GPU_GB = {"hopper": 80.0, "blackwell": 180.0, "spark": SPARK_MEMORY_GB}  # H100, B200, DGX Spark
 
 
 def memory_budget(model_dir: Path, opts: BuildOptions, gpu_gb: float | None = None) -> list[str]:
@@ -37,15 +34,15 @@ def memory_budget(model_dir: Path, opts: BuildOptions, gpu_gb: float | None = No
     from trimode.runtime.model.checkpoint import load_config
     from trimode.runtime.parallel.comm import TensorParallelConfigError
 
-    spark = opts.target == "spark"
-    gpu_gb = gpu_gb or TARGET_GPU_GB[opts.target]
-    reserve = SPARK_RESERVE_GB if spark else 2.0
+    target = TARGETS[opts.target]
+    gpu_gb = gpu_gb or target.memory_gb
+    reserve = target.reserve_gb  # GiB kept out of the KV pool (on unified memory: the OS and the CPU side)
     recipe = get_recipe(opts.recipe_name)  # its weight / KV formats are the planner's names ("fp8", "int4")
     dtype, kv_dtype = recipe.weights or "bfloat16", recipe.kv_cache or "bfloat16"
     configs = dict(REFERENCE_CONFIGS)
     configs[model_dir.name] = load_config(model_dir)
-    where = (f"DGX Spark: {gpu_gb:g} GiB unified, {reserve:g} GiB kept for the OS/CPU" if spark else
-             f"--target {opts.target}: {gpu_gb:g} GiB per GPU, --tp {opts.tp}")
+    where = (f"{target.device}: {gpu_gb:g} GiB unified, {reserve:g} GiB kept for the OS/CPU"
+             if target.unified_memory else f"--target {opts.target}: {gpu_gb:g} GiB per GPU, --tp {opts.tp}")
     lines = [f"memory budget per GPU ({where}); {dtype} weights, {kv_dtype} KV, page {opts.page_size}, "
              f"{opts.max_batch} x {opts.max_seq} tokens per forward"]
     kw = dict(page_size=opts.page_size, context_length=opts.max_seq, max_num_tokens=opts.max_batch * opts.max_seq,
@@ -64,13 +61,15 @@ def memory_budget(model_dir: Path, opts: BuildOptions, gpu_gb: float | None = No
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    target_recipes = "; ".join(f"{t.default_recipe} for --target {t.name}" for t in TARGETS.values()
+                               if t.default_recipe != "none")
     p = argparse.ArgumentParser(prog="build_engine.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="NLD checkpoint directory (config.json + safetensors + tokenizer)")
     p.add_argument("--out", type=Path, help="engine directory to create")
     p.add_argument("--from-onnx", type=Path, metavar="DIR", help="add TensorRT engines to a finished ONNX-stage DIR")
     p.add_argument("--quant", default=None, metavar="RECIPE",
-                   help=f"quantization recipe: {', '.join(RECIPES)} (default: none; w4a16 for --target spark)")
+                   help=f"quantization recipe: {', '.join(RECIPES)} (default: none; {target_recipes})")
     p.add_argument("--modes", default="ar,diffusion,spec", help="comma-separated: ar, diffusion, spec")
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=8)
@@ -80,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: one graph/engine set per rank")
     p.add_argument("--gpu-gb", type=float, default=None,
                    help="memory per GPU for the budget (default by target: " +
-                        ", ".join(f"{k} {v:g}" for k, v in TARGET_GPU_GB.items()) + ")")
+                        ", ".join(f"{t.name} {t.memory_gb:g}" for t in TARGETS.values()) + ")")
     p.add_argument("--layout", default="shared", help=f"TensorRT engine layout: {', '.join(LAYOUTS)}")
     p.add_argument("--calib-file", type=Path, help="calibration text file (default: the checkpoint's heldout.txt)")
     p.add_argument("--calib-text", help="calibration text given inline")

@@ -86,7 +86,7 @@ def main() -> int:
     from trimode.runtime.api import TriModeLM
     from trimode.runtime.model.checkpoint import load_config
     from trimode.runtime.parallel.comm import TensorParallelError, init_tensor_parallel
-    from trimode.runtime.parallel.sharding import load_tensor_parallel
+    from trimode.runtime.api import TriModeLM
 
     cfg = load_config(args.model)
     gen = torch.Generator().manual_seed(0)
@@ -96,7 +96,8 @@ def main() -> int:
     start = time.perf_counter()
     comm = init_tensor_parallel(args.tp, args.backend, args.timeout)
     try:
-        loaded = load_tensor_parallel(args.model, comm, args.dtype, args.num_pages, args.page_size)
+        loaded = TriModeLM.from_pretrained(args.model, dtype=args.dtype, comm=comm, num_pages=args.num_pages,
+                                           page_size=args.page_size)
         model = loaded.model
         tp_logits = dense_logits(model, cfg.vocab_size, seed=1)
         pool = loaded.cache.k_pool.numel() + loaded.cache.v_pool.numel()

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from trimode.build.trt_compile import tensorrt_status
-from trimode.runtime.executors.engine_dir import EngineDirError, engine_checkpoint, load_engine_model, open_engine, read_manifest
+from trimode.runtime.api import TriModeLM
+from trimode.runtime.executors.engine_dir import EngineDirError, engine_checkpoint, read_manifest
+from trimode.runtime.model.checkpoint import load_model
 
 
 def prompts(lm, batch: int, seed: int = 0) -> list[list[int]]:
@@ -87,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             from trimode.runtime.model.checkpoint import load_tokenizer
             from trimode.runtime.executors.trt_executor import TensorRTExecutor
 
-            model = load_engine_model(engine_checkpoint(engine)).to(device)
+            model = load_model(engine_checkpoint(engine)).to(device)
             lm = TriModeLM(model, load_tokenizer(engine_checkpoint(engine), model.config), num_pages=512,
                            page_size=manifest["shapes"]["page_size"],
                            executor=lambda model, cache: TensorRTExecutor(engine, cache))
         else:
-            lm = open_engine(engine, executor="onnxruntime")
-        ref = open_engine(engine, executor="torch")
+            lm = TriModeLM.from_engine(engine, executor="onnxruntime")
+        ref = TriModeLM.from_engine(engine, executor="torch")
         if device == "cuda":
             ref = type(ref)(ref.model.to(device), ref.tokenizer, num_pages=512,
                             page_size=manifest["shapes"]["page_size"])

@@ -18,8 +18,8 @@ import pytest
 
 from build_helpers import BUILD_SCRIPT, child_env, finish, start_build
 from trimode.build.pipeline import BuildError, BuildOptions
-from trimode.runtime.executors.engine_dir import (EngineDirError, EngineMismatch, check_engine_dir, checkpoint_hash,
-                                        open_engine, read_manifest)
+from trimode.runtime.api import TriModeLM
+from trimode.runtime.executors.engine_dir import EngineDirError, EngineMismatch, check_engine_dir, checkpoint_hash, read_manifest
 
 
 def build_script():
@@ -70,7 +70,7 @@ def test_manifest_mismatch_is_refused_naming_the_field(engine, field, kwargs):
 
 def test_runtime_refuses_a_page_size_mismatch_and_modified_files(engine, tmp_path):
     with pytest.raises(EngineMismatch, match="shapes.page_size"):
-        open_engine(engine, page_size=8)
+        TriModeLM.from_engine(engine, page_size=8)
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(engine), str(copy)], check=True)
     with open(copy / "onnx" / "decode.reference.onnx", "ab") as f:
@@ -79,7 +79,7 @@ def test_runtime_refuses_a_page_size_mismatch_and_modified_files(engine, tmp_pat
         check_engine_dir(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(EngineDirError, match="no manifest.json"):
-        open_engine(copy)
+        TriModeLM.from_engine(copy)
 
 
 def test_build_killed_midway_leaves_nothing_the_runtime_accepts(checkpoints, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from build_helpers import finish, start_build
 from conftest import random_prompts
-from trimode.runtime.executors.engine_dir import open_engine
+from trimode.runtime.api import TriModeLM
 from trimode.runtime.executors.onnx_executor import OnnxRuntimeExecutor
 from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
 
@@ -22,7 +22,7 @@ def engine(checkpoints, tmp_path_factory):
 
 
 def lms(engine):
-    return {ex: open_engine(engine, executor=ex, num_pages=256, **({"threads": 1} if ex == "onnxruntime" else {}))
+    return {ex: TriModeLM.from_engine(engine, executor=ex, num_pages=256, **({"threads": 1} if ex == "onnxruntime" else {}))
             for ex in ("torch", "onnxruntime")}
 
 
@@ -75,7 +75,7 @@ def test_one_pool_shared_by_all_kinds_and_equal_to_torch(engine):
 def test_weights_are_shared_initializers_over_one_file(engine):
     """Structural: every external initializer of every session is an OrtValue over the one memory-mapped
     weights.bin (so 4 kinds cost the weights once); prepacking, which would copy per session, is off."""
-    lm = open_engine(engine, executor="onnxruntime", num_pages=16, threads=1)
+    lm = TriModeLM.from_engine(engine, executor="onnxruntime", num_pages=16, threads=1)
     ex = lm.executor
     mm = ex.shared._maps["weights.bin"]
     lo, hi = mm.ctypes.data, mm.ctypes.data + mm.size

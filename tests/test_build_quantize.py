@@ -146,13 +146,13 @@ def test_quantized_onnxruntime_executor_matches_torch_tokens(builds):
     import torch
 
     from trimode.build.evaluate import _logits
-    from trimode.runtime.executors.engine_dir import open_engine
+    from trimode.runtime.api import TriModeLM
 
     prompts = [[5, 9, 14, 200, 31], [7, 8, 400, 22, 19, 3 + 40, 77, 90]]
     for r in RECIPES:
         out, lms = {}, {}
         for ex in ("torch", "onnxruntime"):
-            lm = lms[ex] = open_engine(builds[r], executor=ex, num_pages=64,
+            lm = lms[ex] = TriModeLM.from_engine(builds[r], executor=ex, num_pages=64,
                                        **({"threads": 1} if ex != "torch" else {}))
             out[ex] = ([x.token_ids for x in lm.ar_generate(prompts, max_new_tokens=8)],
                        [x.token_ids for x in lm.linear_spec_generate(prompts, max_new_tokens=8, block_length=4)])

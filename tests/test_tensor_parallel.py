@@ -28,8 +28,8 @@ from trimode.runtime.parallel.comm import (TensorParallelConfigError, TPComm, di
                                          init_tensor_parallel)
 from trimode.runtime.passes import PassKind, SeqPass
 from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
-from trimode.runtime.parallel.sharding import (check_tensor_parallel, decode_step, encode_step, load_sharded_model,
-                                             load_tensor_parallel)
+from trimode.runtime.parallel.sharding import check_tensor_parallel, load_sharded_model
+from trimode.runtime.parallel.step import decode_step, encode_step
 
 from conftest import random_prompts
 
@@ -160,7 +160,7 @@ def test_engine_over_thread_ranks_equals_single_rank(checkpoints, variant):
     want = _all_modes(single, prompts)
 
     got, (cache0, cache1) = run_workload_on_ranks(
-        lambda comm: load_tensor_parallel(path, comm, num_pages=64, page_size=4), lambda lm: _all_modes(lm, prompts))
+        lambda comm: TriModeLM.from_pretrained(path, comm=comm, num_pages=64, page_size=4), lambda lm: _all_modes(lm, prompts))
     assert got == want
     single_numel = single.cache.k_pool.numel() + single.cache.v_pool.numel()
     for cache in (cache0, cache1):

@@ -26,7 +26,8 @@ from trimode.runtime.api import TriModeLM
 from trimode.runtime.model.checkpoint import load_config
 from trimode.runtime.model.config import tiny_config
 from trimode.runtime.parallel.comm import TensorParallelConfigError
-from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir, open_engine, open_engine_tensor_parallel
+from trimode.runtime.api import TriModeLM
+from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir
 from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
 
 OPTS = dict(block_length=4, max_batch=4, max_seq=128, page_size=4, progress=False)
@@ -98,10 +99,10 @@ def test_plugin_graphs_carry_collectives_and_local_shapes(engines):
 def test_two_thread_ranks_on_the_engine_equal_one_rank_in_every_mode(engines):
     prompts = random_prompts([5, 11, 3], seed=1)
     want = workload(TriModeLM.from_pretrained(engines["ckpt"], num_pages=64, page_size=4), prompts)
-    single_engine = workload(open_engine(engines[1], num_pages=64, threads=1), prompts)
+    single_engine = workload(TriModeLM.from_engine(engines[1], num_pages=64, threads=1), prompts)
 
     got, caches = run_workload_on_ranks(
-        lambda comm: open_engine_tensor_parallel(engines[2], comm, num_pages=64, threads=1),
+        lambda comm: TriModeLM.from_engine(engines[2], comm=comm, num_pages=64, threads=1),
         lambda lm: workload(lm, prompts))
     assert got == want == single_engine
     cfg = load_config(engines["ckpt"])
@@ -146,9 +147,9 @@ def test_each_ranks_tensorrt_graph_computes_its_share(engines):
 
 def test_tp_engine_is_refused_where_it_cannot_run(engines):
     with pytest.raises(EngineMismatch, match="tensor_parallel.size is 2 in its manifest, the runtime asks for 1"):
-        open_engine(engines[2])
+        TriModeLM.from_engine(engines[2])
     with pytest.raises(EngineMismatch, match="tensor_parallel.size is 1 in its manifest, the runtime asks for 2"):
-        run_ranks(2, lambda comm: open_engine_tensor_parallel(engines[1], comm))
+        run_ranks(2, lambda comm: TriModeLM.from_engine(engines[1], comm=comm))
 
 
 def test_sizes_that_do_not_divide_fail_in_one_line(engines, tmp_path):

@@ -16,7 +16,14 @@ import json
 import sys
 import time
 
-from trimode.runtime.request import Mode
+from trimode.runtime.api import TriModeLM
+from trimode.runtime.cli.tensor_parallel import add_tp_arguments, generate_tensor_parallel
+from trimode.runtime.executors.engine_dir import EngineDirError
+from trimode.runtime.model.hf_format import CheckpointError
+from trimode.runtime.model.tokenizer import StreamDecoder
+from trimode.runtime.request import Mode, ModeConfig, RequestError, mode_config
+from trimode.runtime.sampling import SamplingError
+from trimode.runtime.serving.server import ServingError
 
 MODES = [m.value for m in Mode]
 
@@ -84,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
-    from trimode.runtime.parallel.comm import add_tp_arguments
-
     add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
     from trimode.runtime.serving.server import add_subparsers as add_serving
 
@@ -93,31 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _mode_config(args: argparse.Namespace, block_size: int):
-    from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
-
-    block = args.block_length or block_size
-    if args.mode == "ar":
-        return ARConfig()
-    if args.mode == "diffusion":
-        threshold = (0.9 if args.threshold is None else args.threshold) if args.policy == "threshold" else None
-        if args.policy != "threshold" and args.threshold is not None:
-            raise ValueError("--threshold applies only to --policy threshold")
-        return DiffusionConfig(block, args.policy, threshold, args.max_steps)
-    return SpecConfig(block, args.threshold or 0.0, use_lora=not args.no_lora)
+def _mode_config(args: argparse.Namespace, block_size: int) -> ModeConfig:
+    if args.mode == "diffusion" and args.policy != "threshold" and args.threshold is not None:
+        raise ValueError("--threshold applies only to --policy threshold")
+    return mode_config(args.mode, block_size, args.block_length, args.threshold, args.policy, args.max_steps,
+                       use_lora=not args.no_lora)
 
 
 def generate(args: argparse.Namespace, lm=None) -> int:
     """Generate from args.prompt with ``lm`` (loaded from args.model if None; rank 0's shard under --tp)."""
-    from trimode.runtime.api import TriModeLM
-    from trimode.runtime.model.checkpoint import CheckpointError
-    from trimode.runtime.model.tokenizer import StreamDecoder
-
     if lm is None and args.engine:
-        from trimode.runtime.executors.engine_dir import EngineDirError, open_engine
-
         try:
-            lm = open_engine(args.engine, executor=args.executor)
+            lm = TriModeLM.from_engine(args.engine, executor=args.executor)
         except (EngineDirError, CheckpointError) as e:
             print(f"trimode: error: --engine: {e}", file=sys.stderr)
             return 2
@@ -159,17 +151,11 @@ def generate(args: argparse.Namespace, lm=None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from trimode.runtime.request import RequestError
-    from trimode.runtime.sampling import SamplingError
-    from trimode.runtime.serving.server import ServingError
-
     try:
         if hasattr(args, "handler"):
             return args.handler(args)
         if args.command == "generate":
             if args.tp > 1:
-                from trimode.runtime.parallel.comm import generate_tensor_parallel
-
                 return generate_tensor_parallel(args, generate)
             return generate(args)
     except (RequestError, SamplingError, ServingError, ValueError) as e:

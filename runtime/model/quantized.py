@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trimode.runtime.model.checkpoint import (CheckpointError, _check_and_load, _reset_rope, _weight_files, load_config, load_lora,
-                                  read_safetensors, torch_dtype, LORA_DIR)
 from trimode.runtime.model.config import ModelConfig
+from trimode.runtime.model.hf_format import (LORA_DIR, CheckpointError, load_config, load_lora, load_state,
+                                             read_safetensors, reset_rope, torch_dtype, weight_files)
 from trimode.runtime.model.network import NLDModel, on_meta_device
 
 QUANT_CONFIG_FILE = "hf_quant_config.json"
@@ -80,7 +80,7 @@ def read_quant_config(path: str | Path) -> QuantConfig:
 def read_quantized_checkpoint(path: str | Path) -> tuple[ModelConfig, QuantConfig, dict[str, torch.Tensor]]:
     """Config, quantization config and the raw (packed) tensors of a quantized checkpoint."""
     path = Path(path)
-    return load_config(path), read_quant_config(path), read_safetensors(_weight_files(path))
+    return load_config(path), read_quant_config(path), read_safetensors(weight_files(path))
 
 
 def linear_format(tensors: dict[str, torch.Tensor], name: str) -> LinearFormat:
@@ -176,7 +176,7 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype | None = Non
             tensors[name] = dequantize_weight(raw, module)
         else:
             tensors[name] = t
-    _check_and_load(model, tensors, path)
+    load_state(model, tensors, path)
     if simulate_activations:
         for module, scale in input_scales.items():
             parent_name, _, child = module.rpartition(".")
@@ -190,7 +190,7 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype | None = Non
             scales = [kv_scales[f"encoder.layers.{i}.self_attn.{which}_proj.{which}_scale"]
                       for i in range(cfg.num_hidden_layers)]
             model.register_buffer(f"{which}_scales", torch.tensor(scales, dtype=torch.float32), persistent=False)
-    _reset_rope(model)
+    reset_rope(model)
     model.quant_config = qcfg  # what the runtime and the manifest report
     model.kv_cache_scales = kv_scales
     if load_adapter and (path / LORA_DIR).is_dir():

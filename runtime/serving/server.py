@@ -393,7 +393,7 @@ def add_subparsers(sub) -> None:
     s.add_argument("--startup-timeout", type=float, default=180.0)
     s.add_argument("--check", action="store_true", help="start, wait until ready, print the URLs, stop")
     _add_repo_options(s)
-    from trimode.runtime.parallel.comm import add_tp_arguments
+    from trimode.runtime.cli.tensor_parallel import add_tp_arguments
 
     add_tp_arguments(s)  # mpiexec -n N trimode serve --tp N --model CKPT
     s.set_defaults(handler=serve_command)
@@ -452,7 +452,8 @@ def _tensor_parallel_launch(args: argparse.Namespace) -> str | None:
     run rank 0's steps until it releases them (server stopped) and return None. A rank that fails exits."""
     from trimode.runtime.model.checkpoint import CheckpointError, load_config
     from trimode.runtime.parallel.comm import TensorParallelConfigError, TensorParallelError, join_group, launch_of_size
-    from trimode.runtime.parallel.sharding import check_tensor_parallel, load_tensor_parallel
+    from trimode.runtime.api import TriModeLM
+    from trimode.runtime.parallel.sharding import check_tensor_parallel
 
     if args.repo is not None or args.model is None:
         raise ServingError("--tp serves a checkpoint: give --model (every rank loads its shard of it)")
@@ -473,9 +474,9 @@ def _tensor_parallel_launch(args: argparse.Namespace) -> str | None:
             import torch
 
             torch.set_num_threads(args.torch_threads)
-        worker = load_tensor_parallel(args.model, comm, dtype=args.dtype or None, num_pages=args.num_pages,
-                                      page_size=args.page_size, max_batch_size=args.max_concurrent_requests,
-                                      executor=args.executor)
+        worker = TriModeLM.from_pretrained(args.model, dtype=args.dtype or None, comm=comm,
+                                           num_pages=args.num_pages, page_size=args.page_size,
+                                           max_batch_size=args.max_concurrent_requests, executor=args.executor)
         worker.serve()
     except (TensorParallelError, CheckpointError) as e:
         print(f"trimode serve: error: (rank {launch.rank}) {e}", file=sys.stderr, flush=True)

@@ -387,7 +387,6 @@ class TritonPythonModel:
         self.comm, keepalive = None, None
         if p["tp"] > 1:  # rank 0 of a tensor-parallel group; the workers are `trimode serve --tp N` ranks 1..N-1
             from trimode.runtime.parallel.comm import join_group
-            from trimode.runtime.parallel.sharding import load_tensor_parallel
 
             host, _, port = p["tp_master"].rpartition(":")
             if not host or not port.isdigit():
@@ -395,9 +394,9 @@ class TritonPythonModel:
             self.comm = join_group(0, p["tp"], host, int(port), timeout_s=p["tp_timeout"])
             if p["torch_threads"] > 0:
                 torch.set_num_threads(p["torch_threads"])
-            self.lm = load_tensor_parallel(model_dir, self.comm, dtype=p["dtype"] or None, num_pages=p["num_pages"],
-                                           page_size=p["page_size"], max_batch_size=p["max_concurrent_requests"],
-                                           executor=p["executor"])
+            self.lm = TriModeLM.from_pretrained(model_dir, dtype=p["dtype"] or None, comm=self.comm,
+                                                num_pages=p["num_pages"], page_size=p["page_size"],
+                                                max_batch_size=p["max_concurrent_requests"], executor=p["executor"])
             keepalive = p["tp_timeout"] / 4
         else:
             self.lm = TriModeLM.from_pretrained(model_dir, dtype=p["dtype"] or None, num_pages=p["num_pages"],

@@ -1,0 +1,167 @@
+"""Assembling a runtime: the one place where a model, a tokenizer, the page pool, an executor and the decoding
+loop are put together, from a checkpoint, an engine directory, or this rank's part of either under tensor
+parallelism. ``TriModeLM`` (runtime.api) wraps what these functions return and never assembles anything itself;
+this module never imports the API.
+
+A ``Runtime`` is one process's (or tensor-parallel rank 0's) runtime; the other ranks get a
+``TensorParallelWorker`` (runtime.parallel.step), which serves rank 0's steps until it closes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trimode.runtime.engine import Engine
+from trimode.runtime.executors.base import Executor, make_executor
+from trimode.runtime.executors.engine_dir import (EngineMismatch, check_engine_dir, engine_checkpoint,
+                                                  tensor_parallel_size)
+from trimode.runtime.kv_cache import PagedKVCache
+from trimode.runtime.model.checkpoint import load_config, load_model, load_tokenizer
+from trimode.runtime.model.network import NLDModel, on_meta_device
+from trimode.runtime.model.tokenizer import Tokenizer
+from trimode.runtime.parallel.comm import TPComm
+from trimode.runtime.parallel.sharding import load_sharded_model
+from trimode.runtime.parallel.step import MirrorCache, TensorParallelExecutor, TensorParallelWorker, handshake
+from trimode.runtime.settings import DEFAULTS, RuntimeSettings
+
+ExecutorFactory = Callable[[NLDModel, PagedKVCache], Executor]  # called as factory(model, cache)
+
+
+@dataclass
+class Runtime:
+    """One runtime: ``model`` (its weights, or a placeholder giving config, dtype and KV heads when an engine
+    executor computes), ``tokenizer`` (None: token ids only), the one ``cache``, the ``executor`` over it, the
+    decoding loop ``engine``, and the checked manifest of the engine directory it runs (None for a checkpoint)."""
+
+    model: NLDModel
+    tokenizer: Tokenizer | None
+    cache: PagedKVCache
+    executor: Executor
+    engine: Engine
+    engine_manifest: dict[str, Any] | None = None
+
+
+def build_runtime(model: NLDModel, tokenizer: Tokenizer | None = None, settings: RuntimeSettings = DEFAULTS,
+                  executor: str | ExecutorFactory | None = None) -> Runtime:
+    """A runtime over ``model``: a page pool of ``settings.num_pages`` x ``settings.page_size`` tokens for the
+    KV heads this process holds (all of them, or its share under tensor parallelism), in the model's dtype and
+    on its device; the executor named ``executor`` (default ``settings.executor``) or made by the factory
+    ``executor(model, cache)``; a decoding loop of ``settings.max_batch_size`` sequences."""
+    cfg = model.config
+    param = next(model.parameters())
+    num_kv_heads = model.encoder.layers[0].self_attn.hkv
+    cache = PagedKVCache(cfg.num_hidden_layers, num_kv_heads, cfg.head_dim, settings.num_pages,
+                         settings.page_size, dtype=param.dtype, device=param.device)
+    executor = settings.executor if executor is None else executor
+    if callable(executor):
+        ex = executor(model, cache)
+    else:
+        kwargs = settings.executor_kwargs if executor == settings.executor else {}
+        ex = make_executor(executor, model=model, cache=cache, **kwargs)
+    engine = Engine(ex, cfg.mask_token_id, cfg.max_position_embeddings, settings.max_batch_size)
+    return Runtime(model, tokenizer, cache, ex, engine)
+
+
+def from_checkpoint(path: str | Path, settings: RuntimeSettings = DEFAULTS, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> Runtime:
+    """The runtime of checkpoint ``path`` (plain or ModelOpt-quantized; ``CheckpointError`` names what is wrong).
+    ``dtype`` overrides ``settings.dtype``."""
+    model = load_model(path, dtype=dtype if dtype is not None else settings.torch_dtype, device=device)
+    return build_runtime(model, load_tokenizer(path, model.config), settings)
+
+
+def _placeholder_model(checkpoint: Path, tp: int = 1) -> NLDModel:
+    """An ``NLDModel`` of the checkpoint's config whose tensors are allocated but never written or read: what a
+    runtime needs (config, dtype, device, the KV heads this rank holds) when an engine executor computes
+    (untouched pages stay non-resident)."""
+    with on_meta_device():
+        model = NLDModel(load_config(checkpoint))
+    for layer in model.encoder.layers:
+        layer.self_attn.hkv //= tp  # the pool holds this rank's share of the KV heads
+    return model.to_empty(device="cpu").float().eval()
+
+
+def from_engine_dir(directory: str | Path, executor: str = "onnxruntime", settings: RuntimeSettings = DEFAULTS,
+                    page_size: int | None = None, **executor_kwargs) -> Runtime:
+    """The runtime of an engine directory: the manifest is checked first (a mismatch with ``page_size``, when
+    given, is refused with ``EngineMismatch``; a damaged directory with ``EngineDirError``), the pool takes the
+    page size the engines were built for, then ``executor`` runs it: "onnxruntime" (the reference-form graphs)
+    or "torch" (the engine's checkpoint, dequantized if quantized: the baseline the engines are compared
+    with). A ``--tp`` build is refused here (``from_engine_dir_tensor_parallel`` runs it)."""
+    directory = Path(directory)
+    manifest = check_engine_dir(directory, page_size=page_size)
+    if tensor_parallel_size(manifest) != 1:
+        raise EngineMismatch("tensor_parallel.size", tensor_parallel_size(manifest), 1, directory)
+    settings = settings.with_(page_size=manifest["shapes"]["page_size"], executor=executor)
+    ckpt = engine_checkpoint(directory)
+    if executor == "torch":
+        model, factory = load_model(ckpt), None
+    elif executor == "onnxruntime":
+        model = _placeholder_model(ckpt)
+
+        def factory(model: NLDModel, cache: PagedKVCache) -> Executor:
+            return make_executor("onnxruntime", engine_dir=directory, cache=cache, check=False, **executor_kwargs)
+    else:
+        raise ValueError(f"executor {executor!r} cannot run an engine directory; use 'onnxruntime' or 'torch'")
+    rt = build_runtime(model, load_tokenizer(ckpt, model.config), settings, factory)
+    rt.engine_manifest = manifest
+    return rt
+
+
+def rank_runtime(model: NLDModel, comm: TPComm, make_inner: ExecutorFactory, tokenizer_dir: str | Path,
+                 settings: RuntimeSettings = DEFAULTS) -> Runtime | TensorParallelWorker:
+    """This rank's runtime over ``model`` (its shard, or a placeholder whose config and KV heads an engine
+    executor uses): rank 0 a ``Runtime`` whose executor broadcasts each step before running
+    ``make_inner(model, cache)``, the other ranks a ``TensorParallelWorker`` on a mirrored pool; then every rank
+    checks that all agree on the model and the pool (``TensorParallelConfigError`` if not)."""
+    cfg = model.config
+    if comm.is_leader:
+        rt = build_runtime(model, load_tokenizer(tokenizer_dir, cfg), settings,
+                           lambda model, cache: TensorParallelExecutor(make_inner(model, cache), comm))
+        cache = rt.cache
+    else:
+        p = next(model.parameters())
+        cache = MirrorCache(cfg.num_hidden_layers, model.encoder.layers[0].self_attn.hkv, cfg.head_dim,
+                            settings.num_pages, settings.page_size, dtype=p.dtype, device=p.device)
+        worker = TensorParallelWorker(model, cache, make_inner(model, cache), comm)
+    handshake(comm, cfg, cache)
+    return rt if comm.is_leader else worker
+
+
+def from_checkpoint_tensor_parallel(path: str | Path, comm: TPComm, settings: RuntimeSettings = DEFAULTS,
+                                    dtype: str | torch.dtype | None = None) -> Runtime | TensorParallelWorker:
+    """This rank's shard of checkpoint ``path`` (read slice by slice). Rank 0 gets a ``Runtime`` (close its
+    executor at the end; an idle server calls ``executor.keepalive()`` more often than the collective
+    timeout), the other ranks a ``TensorParallelWorker`` (call ``serve()``). Every rank must be started with
+    the same settings (checked). ``settings.executor`` names the per-rank executor."""
+    model = load_sharded_model(path, comm, dtype if dtype is not None else settings.torch_dtype)
+    kwargs = settings.executor_kwargs
+    return rank_runtime(model, comm,
+                        lambda model, cache: make_executor(settings.executor, model=model, cache=cache, **kwargs),
+                        path, settings)
+
+
+def from_engine_dir_tensor_parallel(directory: str | Path, comm: TPComm, settings: RuntimeSettings = DEFAULTS,
+                                    page_size: int | None = None,
+                                    **executor_kwargs) -> Runtime | TensorParallelWorker:
+    """This rank's part of a ``build_engine.py --tp N`` directory, run by the onnxruntime executor on its graph
+    set; rank 0 a ``Runtime``, the other ranks a ``TensorParallelWorker``. A directory built for another
+    number of ranks is refused (``EngineMismatch`` naming ``tensor_parallel.size``)."""
+    directory = Path(directory)
+    manifest = check_engine_dir(directory, page_size=page_size)
+    tp = tensor_parallel_size(manifest)
+    if tp != comm.world_size:
+        raise EngineMismatch("tensor_parallel.size", tp, comm.world_size, directory)
+    ckpt = engine_checkpoint(directory)
+    settings = settings.with_(page_size=manifest["shapes"]["page_size"])
+    loaded = rank_runtime(_placeholder_model(ckpt, tp), comm,
+                          lambda model, cache: make_executor("onnxruntime", engine_dir=directory, cache=cache,
+                                                             check=False, comm=comm, **executor_kwargs),
+                          ckpt, settings)
+    if comm.is_leader:
+        loaded.engine_manifest = manifest
+    return loaded

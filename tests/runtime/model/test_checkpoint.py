@@ -161,7 +161,7 @@ def test_stream_decoder_increments_add_up_to_the_decoded_text():
     from trimode.runtime.model.checkpoint import load_config
     from trimode.runtime.model.tokenizer import StreamDecoder
 
-    shipped = Path(__file__).resolve().parent.parent / "models" / "tiny-kjv"
+    shipped = Path(__file__).resolve().parents[3] / "models" / "tiny-kjv"
     tok = load_tokenizer(shipped, load_config(shipped))
     ids = tok.encode("In the beginning God created the heaven. Ünïcödé ✓ 日本語 — “quotes”\n12 And")
     rnd = random.Random(0)

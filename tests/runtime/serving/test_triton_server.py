@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 NUM_PAGES, PAGE_SIZE = 48, 4
 BLOCK = 8  # tiny_config's block_size
 

@@ -168,4 +168,5 @@ def check_all() -> dict:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))  # the shared test helpers (fake_tensorrt) live in tests/
     print(json.dumps({"all": check_all, "aot": check_aot, "no-triton": check_no_triton}[sys.argv[1]]()))

@@ -33,7 +33,7 @@ from trimode.runtime.parallel.step import decode_step, encode_step
 
 from conftest import random_prompts
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "scripts" / "tp_check.py"
 SHIPPED = ROOT / "models" / "tiny-kjv"
 

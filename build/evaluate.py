@@ -28,7 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from trimode.runtime.api import TriModeLM
+from trimode.runtime.model.checkpoint import load_model, load_tokenizer
 from trimode.runtime.model.network import NLDModel, causal_mask
+from trimode.runtime.model.quantized import load_quantized_model
+from trimode.runtime.settings import DEFAULTS
 
 
 def windows(ids: list[int], num: int, length: int) -> list[list[int]]:
@@ -46,10 +50,9 @@ def _logits(model: NLDModel, ids: list[int]) -> torch.Tensor:
 
 def greedy(model: NLDModel, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Greedy AR continuations of all prompts in one batch (the runtime's engine and paged KV cache)."""
-    from trimode.runtime.api import TriModeLM
-
-    pages_per_seq = -(-(max(map(len, prompts)) + new_tokens + 1) // 16)
-    lm = TriModeLM(model, None, num_pages=len(prompts) * pages_per_seq + 8, page_size=16)
+    page_size = DEFAULTS.page_size
+    pages_per_seq = -(-(max(map(len, prompts)) + new_tokens + 1) // page_size)
+    lm = TriModeLM(model, None, num_pages=len(prompts) * pages_per_seq + 8, page_size=page_size)
     results = lm.ar_generate([list(p) for p in prompts], max_new_tokens=new_tokens, eos_token_ids=())
     return [list(r.token_ids) for r in results]
 
@@ -82,9 +85,6 @@ def compare(reference: NLDModel, quantized: NLDModel, ids: list[int], num_prompt
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trimode.runtime.model.checkpoint import load_model, load_tokenizer
-    from trimode.runtime.model.quantized import load_quantized_model
-
     p = argparse.ArgumentParser(prog="python -m trimode.build.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--reference", type=Path, required=True)
     p.add_argument("--quantized", type=Path, nargs="+", required=True)

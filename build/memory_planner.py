@@ -24,6 +24,7 @@ from pathlib import Path
 from trimode.runtime.model.config import ModelConfig, RopeConfig
 from trimode.runtime.parallel.comm import TensorParallelConfigError
 from trimode.runtime.parallel.sharding import check_tensor_parallel
+from trimode.runtime.settings import DEFAULTS
 
 GiB = 1 << 30
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}
@@ -111,7 +112,7 @@ class MemoryPlan:
 
 
 def plan_memory(config: ModelConfig, tp: int = 1, dtype: str = "bfloat16", kv_dtype: str = "bfloat16",
-                gpu_memory_gb: float = 80.0, page_size: int = 16, context_length: int = 32768,
+                gpu_memory_gb: float = 80.0, page_size: int = DEFAULTS.page_size, context_length: int = 32768,
                 lora_rank: int | None = 128, max_num_tokens: int = 8192, max_num_logits: int = 1024,
                 reserve_gb: float = 2.0, model_name: str = "model") -> MemoryPlan:
     """Per-GPU budgets of ``config`` over ``tp`` GPUs of ``gpu_memory_gb`` GiB (see the module docstring)."""

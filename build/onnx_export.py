@@ -17,9 +17,10 @@ from typing import Callable
 import onnx
 from onnx import external_data_helper
 
-from trimode.runtime.model.hf_format import LORA_DIR, load_config, load_lora, read_safetensors, weight_files
-from trimode.runtime.executors.engine_kinds import ENGINE_KINDS
 from trimode.build.onnx_graph import ModelWeights, build_graph
+from trimode.build.sharding import shard_weights
+from trimode.runtime.executors.engine_kinds import ENGINE_KINDS
+from trimode.runtime.model.hf_format import LORA_DIR, load_config, load_lora, read_safetensors, weight_files
 from trimode.runtime.model.quantized import is_quantized_checkpoint, read_quantized_checkpoint
 
 WEIGHTS_FILE = "weights.bin"
@@ -99,8 +100,6 @@ def export_graphs(checkpoint: str | Path, out_dir: str | Path, kinds: list[str],
     weights = load_weights(checkpoint)
     if tp == 1:
         return _export_set(weights, out_dir, kinds, page_size, say, "")
-    from trimode.build.sharding import shard_weights
-
     shards = [shard_weights(weights, rank, tp) for rank in range(tp)]  # checks every rank can be cut first
     for rank, shard in enumerate(shards):
         files = _export_set(shard, out_dir / rank_dir_name(rank), kinds, page_size, say, f"rank {rank}/{tp} ")

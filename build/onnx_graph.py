@@ -40,12 +40,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from trimode.runtime.model.config import ModelConfig
-from trimode.runtime.model.rope import rope_frequencies
-from trimode.runtime.executors.engine_kinds import ENGINE_KINDS
 from trimode.build.plugin_ops import (COLLECTIVE_OPSET, PLUGIN_NAMESPACE, collective_node, plugin_attributes,
                          register_onnx_schemas)
+from trimode.runtime.executors.engine_kinds import ENGINE_KINDS
+from trimode.runtime.model.config import ModelConfig
 from trimode.runtime.model.quantized import linear_format, unpack_int4
+from trimode.runtime.model.rope import rope_frequencies
 
 OPSET = 21
 FLOAT = TensorProto.FLOAT

@@ -20,17 +20,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trimode import __version__
-from trimode.runtime.model.checkpoint import CheckpointError, load_config
-from trimode.runtime.parallel.comm import TensorParallelConfigError
-from trimode.runtime.parallel.sharding import check_tensor_parallel
-from trimode.runtime.executors.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineDirError, check_engine_dir,
-                                  checkpoint_hash, file_entries, read_manifest, write_manifest)
-from trimode.runtime.executors.engine_kinds import ENGINE_KINDS, MODE_KINDS, ModeError, kinds_for_modes
 from trimode.build.onnx_export import export_graphs, rank_dir_name
 from trimode.build.plugin_ops import PLUGIN_NAMESPACE, plugin_versions
 from trimode.build.recipes import RECIPES, get_recipe
 from trimode.build.targets import TARGETS, TargetError, get_target
 from trimode.build.trt_compile import LAYOUTS, build_engines, tensorrt_status
+from trimode.runtime.executors.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineDirError, check_engine_dir,
+                                  checkpoint_hash, file_entries, read_manifest, write_manifest)
+from trimode.runtime.executors.engine_kinds import ENGINE_KINDS, MODE_KINDS, ModeError, kinds_for_modes
+from trimode.runtime.model.checkpoint import CheckpointError, load_config
+from trimode.runtime.parallel.comm import TensorParallelConfigError
+from trimode.runtime.parallel.sharding import check_tensor_parallel
+from trimode.runtime.settings import DEFAULTS
 
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxruntime-extensions", "nvidia-modelopt", "transformers", "tensorrt",
          "triton", "safetensors", "tokenizers")
@@ -49,7 +50,7 @@ class BuildOptions:
     block_length: int = 32
     max_batch: int = 8
     max_seq: int = 4096
-    page_size: int = 16
+    page_size: int = DEFAULTS.page_size
     target: str = "hopper"
     layout: str = "shared"
     calib_file: Path | None = None

@@ -33,10 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from trimode.runtime.model.checkpoint import INDEX_FILE, LORA_DIR, SINGLE_FILE, CheckpointError, load_model, load_tokenizer
-from trimode.runtime.model.network import NLDModel, causal_mask
 from trimode.build.calibration import CalibrationError, calibration_set, find_default_text, make_forward_loop
 from trimode.build.recipes import Recipe, RecipeError, get_recipe, modelopt_config
+from trimode.runtime.model.checkpoint import INDEX_FILE, LORA_DIR, SINGLE_FILE, CheckpointError, load_model, load_tokenizer
+from trimode.runtime.model.network import NLDModel, causal_mask
+from trimode.runtime.model.network import Attention
 
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 
@@ -84,8 +85,6 @@ def _register_kv_quantizers() -> None:
     ``v_bmm_quantizer`` (ModelOpt's names: the export turns them into ``k_proj.k_scale`` / ``v_proj.v_scale``).
     ``calibration_forward`` feeds them the post-RoPE K and V that the cache holds."""
     from modelopt.torch.quantization.nn import QuantModule, QuantModuleRegistry, TensorQuantizer
-
-    from trimode.runtime.model.network import Attention
 
     if QuantModuleRegistry.get(Attention) is not None:
         return

@@ -22,10 +22,10 @@ import dataclasses
 
 import torch
 
-from trimode.runtime.parallel.comm import TensorParallelConfigError
-from trimode.runtime.parallel.sharding import check_tensor_parallel, shard_dim, shard_span
 from trimode.build.onnx_graph import LINEARS, ModelWeights
 from trimode.runtime.model.quantized import linear_format
+from trimode.runtime.parallel.comm import TensorParallelConfigError
+from trimode.runtime.parallel.sharding import check_tensor_parallel, shard_dim, shard_span
 
 LINEAR_TENSORS = ("weight", "weight_scale", "input_scale", "pre_quant_scale")  # what _shard_linear cuts
 

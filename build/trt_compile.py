@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trimode import plugins
 from trimode.runtime.executors.engine_kinds import token_range
 
 LAYOUTS = ("shared", "per-kind")
@@ -93,11 +94,9 @@ def build_engines(onnx_dir: Path, out_dir: Path, kinds: list[str], shapes: dict[
     rank's graph set of a ``--tp`` build, whose all-reduce nodes become NCCL ``DistCollective`` layers."""
     import tensorrt as trt
 
-    from trimode.plugins import register_tensorrt_plugins
-
     if layout not in LAYOUTS:
         raise ValueError(f"unknown TensorRT layout {layout!r}; choose from {LAYOUTS}")
-    register_tensorrt_plugins()
+    plugins.register_tensorrt_plugins()
     logger = trt.Logger(trt.Logger.WARNING)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_path = out_dir / "timing.cache"

@@ -19,11 +19,12 @@ from trimode.runtime.kv_cache import KVCacheExhausted
 from trimode.runtime.modes import make_policies
 from trimode.runtime.passes import PassKind, SeqPass
 from trimode.runtime.request import GenerationRequest, GenerationResult, RequestError, SequenceState, TokenCallback
+from trimode.runtime.settings import DEFAULTS
 
 
 class Engine:
     def __init__(self, executor: Executor, mask_token_id: int, max_position_embeddings: int,
-                 max_batch_size: int = 64) -> None:
+                 max_batch_size: int = DEFAULTS.max_batch_size) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.executor, self.cache = executor, executor.cache

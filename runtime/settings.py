@@ -79,12 +79,15 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] 
     for f in fields(RuntimeSettings):
         if names is not None and f.name not in names:
             continue
+        text = f.metadata["help"]
         kw: dict[str, Any] = {"dest": f.name, "default": f.default,
-                              "help": f"{f.metadata['help']} (default {f.default!r})"}
+                              "help": text if "default" in text else f"{text} (default {f.default})"}
         if f.type in ("int", int):
             kw["type"] = int
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
+        else:
+            kw["metavar"] = _option(f)[2:].upper().replace("-", "_")
         parser.add_argument(_option(f), **kw)
 
 

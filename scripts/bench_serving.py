@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from trimode.runtime.model.checkpoint import load_config
-    from trimode.runtime.serving.server import TritonServer, write_repository
+    from trimode.runtime.serving.repository import write_repository
+    from trimode.runtime.serving.server import TritonServer
 
     tmp = Path(tempfile.mkdtemp(prefix="trimode-bench-"))
     model = args.model

@@ -86,7 +86,6 @@ def main() -> int:
     from trimode.runtime.api import TriModeLM
     from trimode.runtime.model.checkpoint import load_config
     from trimode.runtime.parallel.comm import TensorParallelError, init_tensor_parallel
-    from trimode.runtime.api import TriModeLM
 
     cfg = load_config(args.model)
     gen = torch.Generator().manual_seed(0)

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from trimode.build.trt_compile import tensorrt_status
-from trimode.runtime.api import TriModeLM
 from trimode.runtime.executors.engine_dir import EngineDirError, engine_checkpoint, read_manifest
 from trimode.runtime.model.checkpoint import load_model
 
@@ -90,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             from trimode.runtime.executors.trt_executor import TensorRTExecutor
 
             model = load_model(engine_checkpoint(engine)).to(device)
-            lm = TriModeLM(model, load_tokenizer(engine_checkpoint(engine), model.config), num_pages=512,
+            lm = TriModeLM(model, load_tokenizer(engine_checkpoint(engine), model.config),
                            page_size=manifest["shapes"]["page_size"],
                            executor=lambda model, cache: TensorRTExecutor(engine, cache))
         else:
             lm = TriModeLM.from_engine(engine, executor="onnxruntime")
         ref = TriModeLM.from_engine(engine, executor="torch")
         if device == "cuda":
-            ref = type(ref)(ref.model.to(device), ref.tokenizer, num_pages=512,
+            ref = type(ref)(ref.model.to(device), ref.tokenizer,
                             page_size=manifest["shapes"]["page_size"])
     except (EngineDirError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

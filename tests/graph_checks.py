@@ -11,9 +11,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from trimode.runtime.executors.onnx_executor import graph_feeds
 from trimode.runtime.executors.torch_executor import TorchExecutor
 from trimode.runtime.kv_cache import PagedKVCache
-from trimode.runtime.executors.onnx_executor import graph_feeds
 from trimode.runtime.passes import PassKind, SeqPass
 
 PREFIX_LENGTHS = (5, 11, 2)  # committed tokens per sequence: pages partly filled, different lengths

@@ -2,8 +2,8 @@
 
     trimode generate --model DIR --mode {ar,diffusion,spec} [options] PROMPT
     trimode generate --engine DIR [--executor onnxruntime|torch] ...   (an engine directory)
-    trimode triton-repo --model DIR --out REPO      (runtime/serving.py)
-    trimode serve --repo REPO | --model DIR         (runtime/serving.py)
+    trimode triton-repo --model DIR --out REPO      (runtime/cli/serve.py)
+    trimode serve --repo REPO | --model DIR         (runtime/cli/serve.py)
 
 Streams the text as tokens are accepted, then prints the counters (forwards by kind, tokens per forward,
 accepted lengths, tokens/s). Bad arguments exit with status 2 and a message naming the argument.
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
     add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
-    from trimode.runtime.serving.server import add_subparsers as add_serving
+    from trimode.runtime.cli.serve import add_subparsers as add_serving
 
     add_serving(sub)  # triton-repo, serve
     return parser

@@ -24,9 +24,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from trimode.runtime.executors.engine_kinds import PASS_TO_KIND  # which engine kind serves each pass kind
-from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir, graph_dir, tensor_parallel_size
 from trimode.runtime.executors.base import Executor, register_executor
+from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir, graph_dir, tensor_parallel_size
+from trimode.runtime.executors.engine_kinds import PASS_TO_KIND  # which engine kind serves each pass kind
+from trimode.runtime.executors.ort_ops import register_ort_contrib_ops, register_tp_comm
 from trimode.runtime.kv_cache import PagedKVCache
 from trimode.runtime.passes import SeqPass
 
@@ -142,8 +143,6 @@ class _KindSession:
         if collectives:  # the tensor-parallel all-reduce contrib op (build/plugin_ops.py)
             from onnxruntime_extensions import get_library_path
 
-            from trimode.runtime.executors.ort_ops import register_ort_contrib_ops
-
             register_ort_contrib_ops()
             so.register_custom_ops_library(get_library_path())
         so.add_session_config_entry("session.use_env_allocators", "1")
@@ -184,8 +183,6 @@ class OnnxRuntimeExecutor(Executor):
         wanted = list(kinds) if kinds is not None else list(available)
         onnx_dir = self.engine_dir / graph_dir(manifest, comm.rank if self.comm else 0)
         if self.comm is not None:
-            from trimode.runtime.executors.ort_ops import register_tp_comm
-
             register_tp_comm(self.comm)
         self.shared = SharedInitializers(onnx_dir)
         self.sessions = {k: _KindSession(k, onnx_dir / available[k]["reference"], self.shared, threads,

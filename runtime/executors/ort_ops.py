@@ -48,6 +48,7 @@ def register_ort_contrib_ops() -> None:
     import torch
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
+    # imported here: the kernel modules import Triton, which must not load before a test sets TRITON_INTERPRET
     from trimode.plugins.kv_append import kv_append_reference
     from trimode.plugins.paged_attention import paged_attention_reference
 

@@ -20,10 +20,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from trimode.runtime.executors.engine_dir import check_engine_dir, tensor_parallel_size
+from trimode import plugins
 from trimode.runtime.executors.base import Executor, register_executor
-from trimode.runtime.kv_cache import PagedKVCache
+from trimode.runtime.executors.engine_dir import check_engine_dir, tensor_parallel_size
 from trimode.runtime.executors.onnx_executor import graph_feeds, run_by_engine_kind
+from trimode.runtime.kv_cache import PagedKVCache
 from trimode.runtime.passes import SeqPass
 
 
@@ -41,8 +42,6 @@ class TensorRTExecutor(Executor):
     def __init__(self, engine_dir: str | Path, cache: PagedKVCache, model=None, check: bool = True) -> None:
         import tensorrt as trt
 
-        from trimode.plugins import register_tensorrt_plugins
-
         self.engine_dir = Path(engine_dir)
         manifest = check_engine_dir(self.engine_dir, page_size=cache.page_size) if check else \
             check_engine_dir(self.engine_dir, verify_hashes=False)
@@ -58,7 +57,7 @@ class TensorRTExecutor(Executor):
                              f"build with --tp 1")
         if cache.k_pool.device.type != "cuda":
             raise ValueError("the TensorRT executor needs the KV pool on a CUDA device")
-        register_tensorrt_plugins()
+        plugins.register_tensorrt_plugins()
         self.cache, self.trt = cache, trt
         self.stream = torch.cuda.Stream()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

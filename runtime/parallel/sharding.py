@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trimode.runtime.model.config import ModelConfig
 from trimode.runtime.model.hf_format import (LORA_DIR, CheckpointError, load_config, load_lora, load_state,
                                              read_safetensors, reset_rope, torch_dtype, weight_files)
-from trimode.runtime.model.config import ModelConfig
-from trimode.runtime.parallel.comm import TensorParallelConfigError, TPComm
 from trimode.runtime.model.network import LoraAdapter, NLDModel, on_meta_device
+from trimode.runtime.parallel.comm import TensorParallelConfigError, TPComm
 
 _ROW_SPLIT = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
 _COL_SPLIT = ("o_proj.weight", "down_proj.weight")

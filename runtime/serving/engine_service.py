@@ -1,6 +1,6 @@
 """A thread-safe front for the single-threaded ``Engine``: one loop thread owns the engine and its KV cache.
 
-Servers (the Triton Python backend in ``runtime.triton_model``, or anything else) call ``submit`` and
+Servers (the Triton Python backend in ``runtime.serving.triton_model``, or anything else) call ``submit`` and
 ``cancel`` from any thread; the loop takes them from an inbox between engine steps, so requests join and
 leave the running batch between forwards (continuous batching, modes mixed freely). Each request reports
 through its ``Sink``, called from the loop thread:

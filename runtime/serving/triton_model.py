@@ -1,27 +1,12 @@
 """The Triton Inference Server Python-backend model: one ``TriModeLM`` (one KV cache) behind one
 ``EngineService`` loop, serving decoupled (streaming) requests in any mode with continuous batching.
 
-A repository written by ``runtime.serving`` holds a ``model.py`` that only re-exports ``TritonPythonModel``
-from here, so the serving code is part of the installed package. Each Triton request becomes one engine
-request; its responses are sent from the engine loop thread as tokens are accepted.
-
-Inputs (all optional in ``config.pbtxt``; checked here so that every error names the problem):
-
-| name | type | default | meaning |
-|---|---|---|---|
-| text_input | STRING [1] | – | the prompt text (or give input_ids) |
-| input_ids | INT32 [-1] | – | the prompt as token ids |
-| max_tokens | INT32 [1] | parameter default_max_tokens | new tokens to generate, 1 .. max_tokens_limit |
-| mode | STRING [1] | parameter default_mode | ar, diffusion or spec |
-| block_length | INT32 [1] | checkpoint block_size | diffusion / spec block length |
-| threshold | FP32 [1] | diffusion 0.9, spec 0.0 | confidence threshold |
-| temperature | FP32 [1] | 0 | 0 = greedy |
-| top_p | FP32 [1] | 1 | nucleus filter |
-| top_k | INT32 [1] | 0 | 0 = off |
-| seed | INT64 [1] | random | sampling seed |
-| stop | STRING [-1] | – | stop strings (output ends after the first match, the match included) |
-| stream | BOOL [1] | true | false: one response with the whole text |
-| command | STRING [1] | – | "stats": answer with the health snapshot instead of generating |
+A repository written by ``runtime.serving.repository`` holds a ``model.py`` that only re-exports
+``TritonPythonModel`` from here, so the serving code is part of the installed package. Each Triton request is
+read and checked by ``runtime.serving.triton_request`` (its inputs, their defaults and the ``config.pbtxt``
+parameters are listed there) and becomes one engine request; its responses are sent from the engine loop thread
+as tokens are accepted (``StreamAssembler``: UTF-8 safe text increments and stop strings; ``TritonSink``: the
+decoupled response sender).
 
 Outputs: ``text_output`` (STRING [1]: the text increment, or the whole text when not streaming),
 ``output_ids`` (INT32 [-1]: the token increment), ``finish_reason`` (STRING [1]: "" until the last response,
@@ -35,189 +20,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 try:  # present only inside the Triton Python backend stub
     import triton_python_backend_utils as pb_utils
-except ImportError:  # pragma: no cover - imported outside Triton (tests of the parsing code)
+except ImportError:  # pragma: no cover - imported outside Triton (tests of the streaming code)
     pb_utils = None
 
-from trimode.runtime.request import ARConfig, DiffusionConfig, GenerationRequest, GenerationResult, Mode, RequestError, SpecConfig
-from trimode.runtime.sampling import SamplingParams
 from trimode.runtime.model.tokenizer import StreamDecoder
-
-MODES = tuple(m.value for m in Mode)
-INPUTS = ("text_input", "input_ids", "max_tokens", "mode", "block_length", "threshold", "temperature", "top_p",
-          "top_k", "seed", "stop", "stream", "command")
-
-# parameter name -> (default, parser); the repository generator writes the same names.
-PARAMETERS = {
-    "model_dir": ("", str),
-    "dtype": ("", str),
-    "executor": ("torch", str),
-    "num_pages": ("512", int),
-    "page_size": ("16", int),
-    "max_concurrent_requests": ("64", int),
-    "max_queued_requests": ("1024", int),
-    "kv_admission": ("reserve", str),
-    "max_tokens_limit": ("4096", int),
-    "default_max_tokens": ("64", int),
-    "default_mode": ("spec", str),
-    "torch_threads": ("0", int),
-    "cancel_poll_ms": ("50", int),
-    "tp": ("1", int),            # tensor parallelism: this model is rank 0 of `trimode serve --tp N` (mpiexec)
-    "tp_master": ("", str),      # host:port where rank 0 (this model) forms the group with the worker ranks
-    "tp_timeout": ("600", float),
-}
-
-
-def parse_parameters(raw: dict[str, str]) -> dict:
-    out = {}
-    for name, (default, kind) in PARAMETERS.items():
-        text = raw.get(name, default)
-        try:
-            out[name] = kind(text)
-        except ValueError:
-            raise ValueError(f"config.pbtxt parameter {name} must be {kind.__name__}, got {text!r}") from None
-    unknown = sorted(set(raw) - set(PARAMETERS))
-    if unknown:
-        raise ValueError(f"unknown config.pbtxt parameters {unknown}; known: {sorted(PARAMETERS)}")
-    return out
-
-
-# ---- request parsing (pure: numpy arrays in, a GenerationRequest out) -------------------------------------
-
-@dataclass
-class ParsedRequest:
-    request: GenerationRequest | None
-    mode: str
-    stream: bool
-    stop_strings: tuple[str, ...]
-    command: str | None = None
-
-
-def _scalar(inputs: dict, name: str, kind: str):
-    arr = inputs.get(name)
-    if arr is None:
-        return None
-    arr = np.asarray(arr)
-    if arr.size != 1:
-        raise RequestError(f"{name} must hold exactly one value, got shape {list(arr.shape)}")
-    value = arr.reshape(-1)[0]
-    if kind == "str":
-        return _text(value, name)
-    if kind == "int":
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise RequestError(f"{name} must be an integer tensor, got dtype {arr.dtype}")
-        return int(value)
-    if kind == "float":
-        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-            raise RequestError(f"{name} must be a number tensor, got dtype {arr.dtype}")
-        return float(value)
-    if kind == "bool":
-        if arr.dtype != np.bool_:
-            raise RequestError(f"{name} must be a BOOL tensor, got dtype {arr.dtype}")
-        return bool(value)
-    raise AssertionError(kind)
-
-
-def _text(value, name: str) -> str:
-    if isinstance(value, (bytes, np.bytes_)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(f"{name} is not valid UTF-8") from None
-    if isinstance(value, str):
-        return value
-    raise RequestError(f"{name} must be a STRING (BYTES) tensor, got {type(value).__name__}")
-
-
-def parse_request(inputs: dict, lm, params: dict) -> ParsedRequest:
-    """Turn a request's input tensors into a validated ``GenerationRequest``; ``RequestError``/``SamplingError``
-    (both ``ValueError``) name the offending input otherwise."""
-    unknown = sorted(set(inputs) - set(INPUTS))
-    if unknown:
-        raise RequestError(f"unknown inputs {unknown}; known: {list(INPUTS)}")
-    command = _scalar(inputs, "command", "str")
-    if command is not None:
-        if command != "stats":
-            raise RequestError(f"unknown command {command!r}: the only command is 'stats'")
-        return ParsedRequest(None, "", False, (), command)
-
-    text, ids = inputs.get("text_input"), inputs.get("input_ids")
-    if text is None and ids is None:
-        raise RequestError("missing input: one of text_input or input_ids is required")
-    if text is not None and ids is not None:
-        raise RequestError("give either text_input or input_ids, not both")
-    if text is not None:
-        prompt = _scalar(inputs, "text_input", "str")
-        if not prompt.strip():
-            raise RequestError("text_input is empty: the prompt needs at least one token")
-        if lm.tokenizer is None:
-            raise RequestError("this model has no tokenizer: send input_ids instead of text_input")
-        prompt_ids = lm.encode(prompt)
-        if not prompt_ids:
-            raise RequestError("text_input encodes to no tokens: the prompt needs at least one token")
-    else:
-        arr = np.asarray(ids)
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise RequestError(f"input_ids must be an integer tensor, got dtype {arr.dtype}")
-        if arr.size == 0:
-            raise RequestError("input_ids is empty: the prompt needs at least one token")
-        prompt_ids = lm.encode(arr.reshape(-1).tolist())
-
-    max_tokens = _scalar(inputs, "max_tokens", "int")
-    if max_tokens is None:
-        max_tokens = params["default_max_tokens"]
-    if max_tokens < 1:
-        raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens}")
-    if max_tokens > params["max_tokens_limit"]:
-        raise RequestError(f"max_tokens {max_tokens} exceeds this server's limit of {params['max_tokens_limit']} "
-                           f"(parameter max_tokens_limit)")
-
-    mode = _scalar(inputs, "mode", "str")
-    mode = params["default_mode"] if mode is None else mode
-    if mode not in MODES:
-        raise RequestError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
-    block = _scalar(inputs, "block_length", "int")
-    block = lm.config.block_size if block is None else block
-    threshold = _scalar(inputs, "threshold", "float")
-    if mode == "ar":
-        mode_cfg = ARConfig()
-    elif mode == "diffusion":
-        mode_cfg = DiffusionConfig(block, "threshold", 0.9 if threshold is None else threshold)
-    else:
-        mode_cfg = SpecConfig(block, 0.0 if threshold is None else threshold)
-
-    temperature = _scalar(inputs, "temperature", "float")
-    top_p = _scalar(inputs, "top_p", "float")
-    top_k = _scalar(inputs, "top_k", "int")
-    seed = _scalar(inputs, "seed", "int")
-    sampling = SamplingParams(0.0 if temperature is None else temperature, 0 if top_k is None else top_k,
-                              1.0 if top_p is None else top_p, seed)
-
-    stop_strings: list[str] = []
-    stop_ids: set[int] = set()
-    if inputs.get("stop") is not None:
-        for value in np.asarray(inputs["stop"]).reshape(-1):
-            s = _text(value, "stop")
-            if not s:
-                raise RequestError("stop strings must not be empty")
-            if lm.tokenizer is None:
-                raise RequestError("stop strings need a tokenizer; this model has none")
-            ids_ = lm.tokenizer.encode(s)
-            if len(ids_) == 1 and lm.tokenizer.decode(ids_) == s:
-                stop_ids.add(ids_[0])           # a single token: the engine stops on it exactly
-            else:
-                stop_strings.append(s)          # matched on the decoded text
-    stream = _scalar(inputs, "stream", "bool")
-    request = GenerationRequest(tuple(prompt_ids), max_tokens, mode_cfg, sampling,
-                                frozenset(lm.config.eos_token_ids) | frozenset(stop_ids))
-    return ParsedRequest(request, mode, True if stream is None else stream, tuple(stop_strings))
-
+from trimode.runtime.request import GenerationResult
+from trimode.runtime.serving.triton_request import INPUTS, ParsedRequest, parse_parameters, parse_request
 
 # ---- streaming one request back ---------------------------------------------------------------------------
 
@@ -263,6 +77,8 @@ class StreamAssembler:
 
 
 def result_counters(result: GenerationResult, timing: dict, mode: str, num_ids: int) -> dict:
+    """The ``counters`` JSON of a request's last response: the result's counters (or only its finish reason
+    when it never ran), the mode, prompt and output token counts and the service's ``timing`` (seconds)."""
     counters = result.counters() if result.request_id >= 0 else {"finish_reason": result.finish_reason}
     counters.update(mode=mode, prompt_tokens=len(result.prompt_ids), output_tokens=num_ids, **timing)
     return counters
@@ -323,6 +139,7 @@ def _log_warn(message: str) -> None:
 
 
 def send_error(sender, message: str) -> None:
+    """End a request with an error response carrying ``message`` (closing it quietly if that send fails)."""
     try:
         sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -339,6 +156,7 @@ def _close_quietly(sender) -> None:
 
 
 def request_inputs(request) -> dict:
+    """The input tensors a Triton request carries, as ``{name: numpy array}`` (names from ``INPUTS``)."""
     out = {}
     for name in INPUTS:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -366,6 +184,10 @@ _METRICS = {
 
 
 class TritonPythonModel:
+    """The Triton Python-backend model: ``initialize`` loads the runtime from the ``config.pbtxt`` parameters
+    (``ValueError`` naming a bad one), ``execute`` submits each request to the ``EngineService`` (bad requests
+    get an error response), ``finalize`` stops the service and releases tensor-parallel workers."""
+
     def initialize(self, args: dict) -> None:
         from trimode.runtime.api import TriModeLM
         from trimode.runtime.serving.engine_service import EngineService

@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from build_helpers import SHIPPED, finish, source_model, start_build
 from trimode.build.evaluate import compare
-from trimode.runtime.model.quantized import (FP8InputLinear, load_quantized_model, read_quant_config, unpack_int4)
 from trimode.runtime.model.checkpoint import load_model, load_tokenizer
+from trimode.runtime.model.quantized import (FP8InputLinear, load_quantized_model, read_quant_config, unpack_int4)
 
 pytestmark = pytest.mark.slow
 RECIPES = ("fp8", "fp8-kv", "w4a16")

@@ -15,19 +15,18 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from test_tensor_parallel import _last_json, _mpiexec, run_ranks, run_workload_on_ranks
+from tp_helpers import _last_json, _mpiexec, run_ranks, run_workload_on_ranks
 from trimode.build.onnx_graph import LINEARS, ModelWeights
 from trimode.build.pipeline import BuildError, BuildOptions, build
 from trimode.build.plugin_ops import TRT_COLLECTIVE, contrib_session, register_onnx_schemas
-from trimode.runtime.executors.ort_ops import REFERENCE_ALL_REDUCE, register_tp_comm, unregister_tp_comm
-from trimode.runtime.model.quantized import dequantize_weight
 from trimode.build.sharding import shard_weights
 from trimode.runtime.api import TriModeLM
+from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir
+from trimode.runtime.executors.ort_ops import REFERENCE_ALL_REDUCE, register_tp_comm, unregister_tp_comm
 from trimode.runtime.model.checkpoint import load_config
 from trimode.runtime.model.config import tiny_config
+from trimode.runtime.model.quantized import dequantize_weight
 from trimode.runtime.parallel.comm import TensorParallelConfigError
-from trimode.runtime.api import TriModeLM
-from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir
 from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
 
 OPTS = dict(block_length=4, max_batch=4, max_seq=128, page_size=4, progress=False)

@@ -13,7 +13,8 @@ import pytest
 from conftest import make_lm
 from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
 from trimode.runtime.serving.engine_service import EngineService
-from trimode.runtime.serving.triton_model import PARAMETERS, StreamAssembler, parse_parameters, parse_request
+from trimode.runtime.serving.triton_model import StreamAssembler
+from trimode.runtime.serving.triton_request import PARAMETERS, parse_parameters, parse_request
 
 PARAMS = parse_parameters({"max_tokens_limit": "500", "default_max_tokens": "7", "default_mode": "spec"})
 
@@ -218,7 +219,7 @@ def test_stream_assembler_stop_strings(ckpt):
 
 
 def test_repository_generator_and_cli(ckpt, tmp_path):
-    from trimode.runtime.serving.server import add_subparsers
+    from trimode.runtime.cli.serve import add_subparsers
 
     parser = argparse.ArgumentParser()
     add_subparsers(parser.add_subparsers(dest="command"))
@@ -232,5 +233,5 @@ def test_repository_generator_and_cli(ckpt, tmp_path):
     assert (tmp_path / "repo" / "trimode" / "1" / "checkpoint" / "config.json").exists()
     assert "TritonPythonModel" in (tmp_path / "repo" / "trimode" / "1" / "model.py").read_text()
     with pytest.raises(ValueError, match="kv_admission"):
-        from trimode.runtime.serving.server import write_repository
+        from trimode.runtime.serving.repository import write_repository
         write_repository(tmp_path / "r2", ckpt, kv_admission="lazy")

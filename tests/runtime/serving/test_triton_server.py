@@ -41,7 +41,8 @@ def _ensure_backend_env() -> None:
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
     _ensure_backend_env()
-    from trimode.runtime.serving.server import TritonServer, write_repository
+    from trimode.runtime.serving.repository import write_repository
+    from trimode.runtime.serving.server import TritonServer
 
     repo = write_repository(tmp_path_factory.mktemp("repo"), ckpt, num_pages=NUM_PAGES, page_size=PAGE_SIZE,
                             max_concurrent_requests=8, max_tokens_limit=1000, default_mode="ar", torch_threads=1,
@@ -331,7 +332,7 @@ def test_two_mpi_ranks_serve_what_one_process_computes(ckpt, lm, tmp_path):
     """Rank 0 runs tritonserver (its backend model is tensor-parallel rank 0), rank 1 serves its steps. Streams
     equal the single-process API in every mode, also after idling past the collective timeout (keepalives),
     and stopping the server releases the worker: the whole job exits 0."""
-    from test_tensor_parallel import _mpiexec
+    from tp_helpers import _mpiexec
 
     from trimode.runtime.serving.client import StreamingClient
 

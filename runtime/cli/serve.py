@@ -1,0 +1,185 @@
+"""The serving command line: ``trimode triton-repo`` (write a Triton model repository) and ``trimode serve``
+(start ``tritonserver`` on one and keep it running), also runnable alone as ``python -m trimode.runtime.serving``.
+
+    trimode triton-repo --model CKPT --out REPO [--num-pages N ...]
+    trimode serve --repo REPO        (or --model CKPT: a repository in a temp dir)
+    mpiexec -n N trimode serve --tp N --model CKPT     (tensor parallel: rank 0 serves, ranks 1..N-1 work)
+
+The repository is written by ``runtime.serving.repository``, the server run by ``runtime.serving.server``; the
+runtime settings' options come from ``runtime.settings``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+from trimode.runtime import settings
+from trimode.runtime.serving.repository import DEFAULT_MODEL_NAME, write_repository
+from trimode.runtime.serving.server import ENV_VAR, ServingError, TritonServer
+
+
+def _add_repo_options(p: argparse.ArgumentParser) -> None:
+    """The repository options of ``triton-repo`` and ``serve``; the runtime settings' options (names, defaults,
+    choices) are ``runtime.settings.add_arguments``' (``--max-concurrent-requests`` lands in ``max_batch_size``)."""
+    p.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name in the repository (default: trimode)")
+    settings.add_arguments(p, names=("num_pages", "page_size", "max_batch_size"))  # --max-concurrent-requests
+    p.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before rejecting")
+    p.add_argument("--kv-admission", choices=["reserve", "greedy"], default="reserve",
+                   help="reserve: admit only what fits in the worst case (default); greedy: admit at once, fail "
+                        "the newest request if pages run out")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--default-max-tokens", type=int, default=64)
+    p.add_argument("--default-mode", choices=["ar", "diffusion", "spec"], default="spec")
+    settings.add_arguments(p, names=("dtype",))
+    settings.add_arguments(p, names=("executor",))
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--instance-count", type=int, default=1,
+                   help="model instances; each owns its own runtime and KV cache (default 1)")
+    p.add_argument("--copy-model", action="store_true", help="copy the checkpoint into the repository")
+
+
+def _repo_kwargs(args: argparse.Namespace) -> dict:
+    """The ``write_repository`` keyword arguments of parsed repository options."""
+    return dict(name=args.name, num_pages=args.num_pages, page_size=args.page_size,
+                max_concurrent_requests=args.max_batch_size, max_queued_requests=args.max_queued_requests,
+                kv_admission=args.kv_admission, max_tokens_limit=args.max_tokens_limit,
+                default_max_tokens=args.default_max_tokens, default_mode=args.default_mode, dtype=args.dtype,
+                executor=args.executor, torch_threads=args.torch_threads, instance_count=args.instance_count,
+                copy_model=args.copy_model)
+
+
+def add_subparsers(sub) -> None:
+    """Register ``triton-repo`` and ``serve`` on an ``add_subparsers()`` object; each sets ``handler``."""
+    r = sub.add_parser("triton-repo", help="write a Triton model repository for a checkpoint")
+    r.add_argument("--model", required=True, help="checkpoint directory")
+    r.add_argument("--out", required=True, help="repository directory to write")
+    _add_repo_options(r)
+    r.set_defaults(handler=triton_repo_command)
+
+    s = sub.add_parser("serve", help="start tritonserver (bundled with nvidia-pytriton) on 127.0.0.1")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--repo", help="a model repository (from triton-repo)")
+    src.add_argument("--model", help="a checkpoint: serve it from a repository written to a temp dir")
+    s.add_argument("--http-port", type=int, default=None, help="default: a free port")
+    s.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
+    s.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
+    s.add_argument("--triton-env", default=None, help=f"backend environment (default ${ENV_VAR} or .venv-triton)")
+    s.add_argument("--log-file", default=None, help="tritonserver's log (default: a temp file)")
+    s.add_argument("--log-verbose", type=int, default=0)
+    s.add_argument("--startup-timeout", type=float, default=180.0)
+    s.add_argument("--check", action="store_true", help="start, wait until ready, print the URLs, stop")
+    _add_repo_options(s)
+    from trimode.runtime.cli.tensor_parallel import add_tp_arguments
+
+    add_tp_arguments(s)  # mpiexec -n N trimode serve --tp N --model CKPT
+    s.set_defaults(handler=serve_command)
+
+
+def triton_repo_command(args: argparse.Namespace) -> int:
+    """``triton-repo``: write the repository, print ``{"repository": ..., "model": ...}`` as JSON; returns 0."""
+    out = write_repository(args.out, args.model, **_repo_kwargs(args))
+    print(json.dumps({"repository": str(out), "model": args.name}))
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """``serve``: start tritonserver (on ``--repo``, or on a temp repository written for ``--model``), print its
+    URLs as one JSON line, run until SIGINT/SIGTERM (or at once with ``--check``), stop it. Returns 0, or 1 when
+    the server died; a worker rank of ``--tp N`` returns 0 once rank 0 releases it."""
+    tp_master = ""
+    if getattr(args, "tp", 1) > 1:
+        tp_master = _tensor_parallel_launch(args)
+        if tp_master is None:  # a worker rank: served rank 0's steps until the server stopped
+            return 0
+    tmp = None
+    repo = args.repo
+    if repo is None:
+        tmp = tempfile.mkdtemp(prefix="trimode-repo-")
+        extra = dict(tp=args.tp, tp_master=tp_master, tp_timeout=args.tp_timeout) if tp_master else {}
+        repo = write_repository(tmp, args.model, **_repo_kwargs(args), **extra)
+    stop = {"now": False}
+
+    def on_signal(signum, _frame) -> None:
+        stop["now"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    server = TritonServer(repo, args.triton_env, args.http_port, args.grpc_port, args.metrics_port,
+                          args.log_file, args.log_verbose, args.startup_timeout)
+    try:
+        server.start()
+        print(json.dumps({"ready": True, "http": server.http_url, "grpc": server.grpc_url,
+                          "metrics": server.metrics_url, "repository": str(repo), "pid": server.process.pid,
+                          "serve_pid": os.getpid()}),
+              flush=True)
+        while not args.check and not stop["now"] and server.process.poll() is None:
+            time.sleep(0.2)
+        died = server.process.poll() is not None
+        if died:
+            print(f"tritonserver exited with status {server.process.returncode}; log tail:\n{server.log_tail()}",
+                  file=sys.stderr)
+        return 1 if died else 0
+    finally:
+        server.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tensor_parallel_launch(args: argparse.Namespace) -> str | None:
+    """``serve --tp N`` under mpiexec/torchrun. Launcher rank 0 returns the host:port where the served model
+    (the Triton backend, tensor-parallel rank 0) forms the group; ranks 1..N-1 join it here, load their shards,
+    run rank 0's steps until it releases them (server stopped) and return None. A rank that fails exits."""
+    from trimode.runtime.api import TriModeLM
+    from trimode.runtime.model.checkpoint import CheckpointError, load_config
+    from trimode.runtime.parallel.comm import TensorParallelConfigError, TensorParallelError, join_group, launch_of_size
+    from trimode.runtime.parallel.sharding import check_tensor_parallel
+
+    if args.repo is not None or args.model is None:
+        raise ServingError("--tp serves a checkpoint: give --model (every rank loads its shard of it)")
+    try:
+        check_tensor_parallel(load_config(args.model), args.tp)
+    except (CheckpointError, TensorParallelConfigError) as e:
+        raise ServingError(f"--tp {args.tp}: {e}") from None
+    try:
+        launch = launch_of_size(args.tp)
+    except TensorParallelConfigError as e:
+        raise ServingError(str(e)) from None
+    if launch.rank == 0:
+        return f"{launch.master_addr}:{launch.master_port}"
+    try:
+        comm = join_group(launch.rank, args.tp, launch.master_addr, launch.master_port, args.tp_backend,
+                          args.tp_timeout, launch.local_world_size)
+        if args.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
+        worker = TriModeLM.from_pretrained(args.model, dtype=args.dtype or None, comm=comm,
+                                           num_pages=args.num_pages, page_size=args.page_size,
+                                           max_batch_size=args.max_batch_size, executor=args.executor)
+        worker.serve()
+    except (TensorParallelError, CheckpointError) as e:
+        print(f"trimode serve: error: (rank {launch.rank}) {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # no group teardown: it could wait on a dead peer
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trimode.runtime.serving triton-repo|serve ...``: the two subcommands alone (``ServingError``
+    and ``ValueError`` exit with status 2 and the message)."""
+    parser = argparse.ArgumentParser(prog="python -m trimode.runtime.serving",
+                                     description="Triton Inference Server deployment for trimode")
+    add_subparsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ServingError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+

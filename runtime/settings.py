@@ -36,7 +36,7 @@ class RuntimeSettings:
     executor: str = field(default="torch", metadata={"help": "executor: torch, onnxruntime or tensorrt"})
     kernels: str = field(default="", metadata={
         "help": "op backend of the torch executor: auto, reference or triton (default: $TRIMODE_KERNELS, else "
-                "auto)", "choices": ("",) + KERNELS})
+                "auto)", "choices": ("",) + KERNELS, "triton": None})  # not a Triton parameter (yet)
     dtype: str = field(default="", metadata={"help": "weights dtype (default: the checkpoint's)",
                                              "choices": ("",) + DTYPES})
 
@@ -67,10 +67,24 @@ class RuntimeSettings:
 
 
 DEFAULTS = RuntimeSettings()
+# the settings `trimode generate` takes as options (its --executor is its own: it picks how an engine runs)
+GENERATE_OPTIONS = ("num_pages", "page_size", "max_batch_size", "kernels", "dtype")
+
+
+def _positive_int(option: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{option} must be an integer >= 1, got {text!r}")
+        return value
+    return parse
 
 
 def _option(f) -> str:
-    return "--" + f.metadata.get("triton", f.name).replace("_", "-")
+    return "--" + (f.metadata.get("triton") or f.name).replace("_", "-")
 
 
 def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] | None = None) -> None:
@@ -83,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] 
         kw: dict[str, Any] = {"dest": f.name, "default": f.default,
                               "help": text if "default" in text else f"{text} (default {f.default})"}
         if f.type in ("int", int):
-            kw["type"] = int
+            kw["type"] = _positive_int(_option(f))
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         else:
@@ -91,14 +105,17 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] 
         parser.add_argument(_option(f), **kw)
 
 
-def from_args(args: argparse.Namespace, base: RuntimeSettings = DEFAULTS) -> RuntimeSettings:
-    """The settings of parsed arguments (those ``add_arguments`` added; the others from ``base``)."""
-    return base.with_(**{f.name: getattr(args, f.name, None) for f in fields(RuntimeSettings)})
+def from_args(args: argparse.Namespace, names: tuple[str, ...] | None = None,
+              base: RuntimeSettings = DEFAULTS) -> RuntimeSettings:
+    """The settings of parsed arguments: the fields ``names`` (default: all) that ``add_arguments`` added,
+    the others from ``base``."""
+    return base.with_(**{f.name: getattr(args, f.name, None) for f in fields(RuntimeSettings)
+                         if names is None or f.name in names})
 
 
 # Triton config.pbtxt parameter name -> (default as text, parser, settings field)
 TRITON_PARAMETERS = {f.metadata.get("triton", f.name): (str(f.default), int if f.type in ("int", int) else str, f.name)
-                     for f in fields(RuntimeSettings)}
+                     for f in fields(RuntimeSettings) if f.metadata.get("triton", f.name) is not None}
 
 
 def to_parameters(settings: RuntimeSettings) -> dict[str, str]:

@@ -22,6 +22,7 @@ from trimode.runtime.executors.engine_dir import EngineDirError
 from trimode.runtime.model.hf_format import CheckpointError
 from trimode.runtime.model.tokenizer import StreamDecoder
 from trimode.runtime.request import Mode, ModeConfig, RequestError, mode_config
+from trimode.runtime import settings
 from trimode.runtime.sampling import SamplingError
 from trimode.runtime.serving.server import ServingError
 
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=None)
     g.add_argument("--top-p", type=_unit_float("--top-p", low_open=True), default=1.0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    # the runtime's sizes, kernels and dtype: options derived from runtime.settings (one table for CLI and Triton)
+    settings.add_arguments(g, names=settings.GENERATE_OPTIONS)
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
     add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
     from trimode.runtime.cli.serve import add_subparsers as add_serving
@@ -109,13 +111,14 @@ def generate(args: argparse.Namespace, lm=None) -> int:
     """Generate from args.prompt with ``lm`` (loaded from args.model if None; rank 0's shard under --tp)."""
     if lm is None and args.engine:
         try:
-            lm = TriModeLM.from_engine(args.engine, executor=args.executor)
+            lm = TriModeLM.from_engine(args.engine, executor=args.executor,
+                                       settings=settings.from_args(args, settings.GENERATE_OPTIONS))
         except (EngineDirError, CheckpointError) as e:
             print(f"trimode: error: --engine: {e}", file=sys.stderr)
             return 2
     if lm is None:
         try:
-            lm = TriModeLM.from_pretrained(args.model, dtype=args.dtype)
+            lm = TriModeLM.from_pretrained(args.model, settings=settings.from_args(args, settings.GENERATE_OPTIONS))
         except CheckpointError as e:
             print(f"trimode: error: --model: {e}", file=sys.stderr)
             return 2

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from trimode.runtime import settings
 from trimode.runtime.api import TriModeLM
 from trimode.runtime.executors.engine_dir import EngineDirError
 from trimode.runtime.model.hf_format import CheckpointError
@@ -68,9 +69,11 @@ def generate_tensor_parallel(args, generate_with) -> int:
             if args.executor != "onnxruntime":
                 raise TensorParallelConfigError(f"--engine with --tp runs each rank's graphs with the onnxruntime "
                                                 f"executor, not {args.executor!r}")
-            loaded = TriModeLM.from_engine(args.engine, comm=comm)
+            loaded = TriModeLM.from_engine(args.engine, comm=comm,
+                                           settings=settings.from_args(args, settings.GENERATE_OPTIONS))
         else:
-            loaded = TriModeLM.from_pretrained(args.model, dtype=args.dtype, comm=comm)
+            loaded = TriModeLM.from_pretrained(args.model, comm=comm,
+                                               settings=settings.from_args(args, settings.GENERATE_OPTIONS))
     except EngineDirError as e:
         return fail(f"--engine: {e}", 2)
     except CheckpointError as e:

@@ -4,7 +4,7 @@ reserve, and what is left for KV pages (the budget ``build_engine.py --target/--
     python -m trimode.build.memory_planner --model 8B --tp 2 --gpu-gb 80
     python -m trimode.build.memory_planner --model path/to/checkpoint --tp 1 2 4 --gpu-gb 24 --kv-dtype fp8
 
-Accounting per GPU for tensor-parallel size N (runtime/tensor_parallel.py): q/k/v/o, gate/up/down,
+Accounting per GPU for tensor-parallel size N (runtime/parallel/sharding.py): q/k/v/o, gate/up/down,
 embed_tokens and diffusion_head are split N ways; norms and lora_B are replicated; lora_A is split; each
 GPU holds num_key_value_heads / N heads of every KV page. ``dtype`` is the storage of the decoder's linear
 layers (``fp8``, ``int4`` = the fp8 and w4a16 recipes, int4 with one fp16 scale per group of 128);

@@ -1,6 +1,6 @@
 """One ONNX graph per engine kind, written directly from the checkpoint's tensors (no tracing).
 
-The graph computes ``runtime/model.py``'s forward over the shared paged KV cache, with the interface every
+The graph computes ``runtime/model/network.py``'s forward over the shared paged KV cache, with the interface every
 executor binds (names fixed here, shapes symbolic):
 
 | input            | type / shape                        | kinds          |

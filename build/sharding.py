@@ -1,6 +1,6 @@
 """Per-rank shards of a checkpoint's tensors as stored, for the tensor-parallel engine export (``--tp N``).
 
-The split is the runtime's (``runtime/tensor_parallel.py``): q/k/v/gate/up by output rows (whole heads),
+The split is the runtime's (``runtime/parallel/sharding.py``): q/k/v/gate/up by output rows (whole heads),
 o_proj/down by input columns, the embedding and ``diffusion_head`` by vocabulary rows, the drafter's
 lora_A by input columns (lora_B whole). Quantized linears are split in their stored form, without
 dequantizing:

@@ -106,7 +106,7 @@ class NLDModel(nn.Module):
         self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lora: LoraAdapter | None = None
         # Sum of partial results across tensor-parallel ranks (identity on one rank): applied to the attention
-        # output (o_proj + LoRA) and the MLP output of every layer. See runtime/tensor_parallel.py.
+        # output (o_proj + LoRA) and the MLP output of every layer. See runtime/parallel/sharding.py.
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
         inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

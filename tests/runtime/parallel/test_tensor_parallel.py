@@ -267,7 +267,7 @@ def _cli_has_tp() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _cli_has_tp(), reason="runtime/cli.py does not have --tp yet")
+@pytest.mark.skipif(not _cli_has_tp(), reason="runtime/cli has no --tp")
 def test_cli_generate_over_two_mpi_ranks_prints_what_one_rank_prints(ckpt):
     args = ["-m", "trimode.runtime.cli", "generate", "--model", ckpt, "--mode", "spec", "--max-new-tokens", "9",
             "--block-length", "4", "--json", "w5 w6 w7"]

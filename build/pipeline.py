@@ -21,12 +21,13 @@ from typing import Any, Callable
 
 from trimode import __version__
 from trimode.build.onnx_export import export_graphs, rank_dir_name
-from trimode.build.plugin_ops import PLUGIN_NAMESPACE, plugin_versions
+from trimode.build.plugin_ops import PLUGIN_NAMESPACE
 from trimode.build.recipes import RECIPES, get_recipe
 from trimode.build.targets import TARGETS, TargetError, get_target
 from trimode.build.trt_compile import LAYOUTS, build_engines, tensorrt_status
 from trimode.runtime.executors.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineDirError, check_engine_dir,
-                                  checkpoint_hash, file_entries, read_manifest, write_manifest)
+                                                  checkpoint_hash, current_plugin_versions, file_entries,
+                                                  read_manifest, write_manifest)
 from trimode.runtime.executors.engine_kinds import ENGINE_KINDS, MODE_KINDS, ModeError, kinds_for_modes
 from trimode.runtime.model.checkpoint import CheckpointError, load_config
 from trimode.runtime.parallel.comm import TensorParallelConfigError
@@ -227,7 +228,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
         "shapes": shapes,
         "kv_cache": {"layout": "[num_layers, num_pages, page_size, num_kv_heads, head_dim]", "dtype": "float32",
                      "quantization": recipe.kv_cache},
-        "plugins": {"namespace": PLUGIN_NAMESPACE, "versions": plugin_versions(), "onnx_domain": PLUGIN_NAMESPACE,
+        "plugins": {"namespace": PLUGIN_NAMESPACE, "versions": current_plugin_versions(), "onnx_domain": PLUGIN_NAMESPACE,
                     "reference_form": "standard ONNX ops"},
         "tools": tool_versions(), "tensorrt": None, "build_key": key,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},

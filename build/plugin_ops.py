@@ -21,11 +21,6 @@ FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 POOL_TYPES = FLOAT_TYPES + ["tensor(float8e4m3fn)"]
 
 
-def plugin_versions() -> dict[str, str]:
-    """Version of each plugin op in the graphs this build writes (checked by the runtime's manifest check)."""
-    return dict(PLUGIN_VERSIONS)
-
-
 def plugin_attributes(op: str) -> dict[str, str]:
     """The attributes TensorRT's ONNX parser reads to find plugin ``op`` in its registry."""
     return {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSIONS[op]}

@@ -42,25 +42,24 @@ class TriModeLM:
         ``ValueError`` for an unknown executor name."""
         settings = settings.with_(num_pages=num_pages, page_size=page_size, max_batch_size=max_batch_size,
                                   executor=executor if isinstance(executor, str) else None)
-        self._attach(assembly.build_runtime(model, tokenizer, settings, executor), settings)
+        self._attach(assembly.build_runtime(model, tokenizer, settings, executor))
 
-    def _attach(self, rt: Runtime, settings: RuntimeSettings) -> None:
-        self.runtime, self.settings = rt, settings
+    def _attach(self, rt: Runtime) -> None:
+        self.runtime, self.settings = rt, rt.settings
         self.model, self.tokenizer, self.config = rt.model, rt.tokenizer, rt.model.config
         self.cache, self.executor, self.engine, self.engine_manifest = rt.cache, rt.executor, rt.engine, \
             rt.engine_manifest
 
     @classmethod
-    def from_runtime(cls, rt: Runtime, settings: RuntimeSettings = DEFAULTS) -> "TriModeLM":
+    def from_runtime(cls, rt: Runtime) -> "TriModeLM":
         """Wrap an assembled ``Runtime`` (runtime.assembly)."""
         lm = cls.__new__(cls)
-        lm._attach(rt, settings)
+        lm._attach(rt)
         return lm
 
     @classmethod
-    def _wrap(cls, loaded: Runtime | TensorParallelWorker,
-              settings: RuntimeSettings) -> "TriModeLM | TensorParallelWorker":
-        return cls.from_runtime(loaded, settings) if isinstance(loaded, Runtime) else loaded
+    def _wrap(cls, loaded: Runtime | TensorParallelWorker) -> "TriModeLM | TensorParallelWorker":
+        return cls.from_runtime(loaded) if isinstance(loaded, Runtime) else loaded
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu",
@@ -73,8 +72,8 @@ class TriModeLM:
         ``TensorParallelWorker`` (call ``serve()``). Raises ``CheckpointError`` naming what is wrong."""
         settings = settings.with_(**overrides)
         if comm is not None:
-            return cls._wrap(assembly.from_checkpoint_tensor_parallel(path, comm, settings, dtype), settings)
-        return cls.from_runtime(assembly.from_checkpoint(path, settings, dtype, device), settings)
+            return cls._wrap(assembly.from_checkpoint_tensor_parallel(path, comm, settings, dtype))
+        return cls.from_runtime(assembly.from_checkpoint(path, settings, dtype, device))
 
     @classmethod
     def from_engine(cls, path: str | Path, executor: str = "onnxruntime", comm: TPComm | None = None,
@@ -91,9 +90,8 @@ class TriModeLM:
                 raise ValueError(f"a tensor-parallel engine directory runs each rank's graphs with the onnxruntime "
                                  f"executor, not {executor!r}")
             loaded = assembly.from_engine_dir_tensor_parallel(path, comm, settings, page_size, **executor_kwargs)
-            return cls._wrap(loaded, settings)
-        rt = assembly.from_engine_dir(path, executor, settings, page_size, **executor_kwargs)
-        return cls.from_runtime(rt, settings.with_(page_size=rt.cache.page_size, executor=executor))
+            return cls._wrap(loaded)
+        return cls.from_runtime(assembly.from_engine_dir(path, executor, settings, page_size, **executor_kwargs))
 
     # ---- prompts and requests -------------------------------------------------------------------------
 

@@ -35,13 +35,15 @@ ExecutorFactory = Callable[[NLDModel, PagedKVCache], Executor]  # called as fact
 class Runtime:
     """One runtime: ``model`` (its weights, or a placeholder giving config, dtype and KV heads when an engine
     executor computes), ``tokenizer`` (None: token ids only), the one ``cache``, the ``executor`` over it, the
-    decoding loop ``engine``, and the checked manifest of the engine directory it runs (None for a checkpoint)."""
+    decoding loop ``engine``, the ``settings`` it was sized by (executor and page size as actually used), and the
+    checked manifest of the engine directory it runs (None for a checkpoint)."""
 
     model: NLDModel
     tokenizer: Tokenizer | None
     cache: PagedKVCache
     executor: Executor
     engine: Engine
+    settings: RuntimeSettings
     engine_manifest: dict[str, Any] | None = None
 
 
@@ -62,8 +64,9 @@ def build_runtime(model: NLDModel, tokenizer: Tokenizer | None = None, settings:
     else:
         kwargs = settings.executor_kwargs if executor == settings.executor else {}
         ex = make_executor(executor, model=model, cache=cache, **kwargs)
+        settings = settings.with_(executor=executor)
     engine = Engine(ex, cfg.mask_token_id, cfg.max_position_embeddings, settings.max_batch_size)
-    return Runtime(model, tokenizer, cache, ex, engine)
+    return Runtime(model, tokenizer, cache, ex, engine, settings)
 
 
 def from_checkpoint(path: str | Path, settings: RuntimeSettings = DEFAULTS, dtype: str | torch.dtype | None = None,

@@ -71,7 +71,8 @@ DEFAULTS = RuntimeSettings()
 GENERATE_OPTIONS = ("num_pages", "page_size", "max_batch_size", "kernels", "dtype")
 
 
-def _positive_int(option: str):
+def positive_int(option: str):
+    """An argparse ``type`` accepting integers >= 1; the error names ``option``."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -89,15 +90,15 @@ def _option(f) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] | None = None) -> None:
     """Add ``--num-pages``, ``--page-size``, ``--max-concurrent-requests`` (max_batch_size), ``--executor``,
-    ``--kernels``, ``--dtype`` (or only ``names``) with the defaults above; read them back with ``from_args``."""
-    for f in fields(RuntimeSettings):
-        if names is not None and f.name not in names:
-            continue
+    ``--kernels``, ``--dtype`` (or only ``names``, in that order) with the defaults above; read them back with
+    ``from_args``."""
+    by_name = {f.name: f for f in fields(RuntimeSettings)}
+    for f in (by_name[name] for name in (by_name if names is None else names)):
         text = f.metadata["help"]
         kw: dict[str, Any] = {"dest": f.name, "default": f.default,
                               "help": text if "default" in text else f"{text} (default {f.default})"}
         if f.type in ("int", int):
-            kw["type"] = _positive_int(_option(f))
+            kw["type"] = positive_int(_option(f))
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         else:

@@ -16,13 +16,14 @@ import json
 import sys
 import time
 
+from trimode.runtime import settings
 from trimode.runtime.api import TriModeLM
+from trimode.runtime.cli.serve import add_subparsers as add_serving
 from trimode.runtime.cli.tensor_parallel import add_tp_arguments, generate_tensor_parallel
 from trimode.runtime.executors.engine_dir import EngineDirError
 from trimode.runtime.model.hf_format import CheckpointError
 from trimode.runtime.model.tokenizer import StreamDecoder
 from trimode.runtime.request import Mode, ModeConfig, RequestError, mode_config
-from trimode.runtime import settings
 from trimode.runtime.sampling import SamplingError
 from trimode.runtime.serving.server import ServingError
 
@@ -94,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(g, names=settings.GENERATE_OPTIONS)
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
     add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
-    from trimode.runtime.cli.serve import add_subparsers as add_serving
-
     add_serving(sub)  # triton-repo, serve
     return parser
 

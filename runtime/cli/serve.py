@@ -24,12 +24,15 @@ from trimode.runtime import settings
 from trimode.runtime.serving.repository import DEFAULT_MODEL_NAME, write_repository
 from trimode.runtime.serving.server import ENV_VAR, ServingError, TritonServer
 
+# the runtime settings a served model takes from the command line (the Triton parameters of the same names)
+REPO_SETTINGS = ("num_pages", "page_size", "max_batch_size", "dtype", "executor")
+
 
 def _add_repo_options(p: argparse.ArgumentParser) -> None:
     """The repository options of ``triton-repo`` and ``serve``; the runtime settings' options (names, defaults,
     choices) are ``runtime.settings.add_arguments``' (``--max-concurrent-requests`` lands in ``max_batch_size``)."""
     p.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name in the repository (default: trimode)")
-    settings.add_arguments(p, names=("num_pages", "page_size", "max_batch_size"))  # --max-concurrent-requests
+    settings.add_arguments(p, names=REPO_SETTINGS[:3])  # --num-pages, --page-size, --max-concurrent-requests
     p.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before rejecting")
     p.add_argument("--kv-admission", choices=["reserve", "greedy"], default="reserve",
                    help="reserve: admit only what fits in the worst case (default); greedy: admit at once, fail "
@@ -37,8 +40,7 @@ def _add_repo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=64)
     p.add_argument("--default-mode", choices=["ar", "diffusion", "spec"], default="spec")
-    settings.add_arguments(p, names=("dtype",))
-    settings.add_arguments(p, names=("executor",))
+    settings.add_arguments(p, names=REPO_SETTINGS[3:])  # --dtype, --executor (in this order in --help)
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--instance-count", type=int, default=1,
                    help="model instances; each owns its own runtime and KV cache (default 1)")
@@ -161,9 +163,7 @@ def _tensor_parallel_launch(args: argparse.Namespace) -> str | None:
             import torch
 
             torch.set_num_threads(args.torch_threads)
-        worker = TriModeLM.from_pretrained(args.model, dtype=args.dtype or None, comm=comm,
-                                           num_pages=args.num_pages, page_size=args.page_size,
-                                           max_batch_size=args.max_batch_size, executor=args.executor)
+        worker = TriModeLM.from_pretrained(args.model, comm=comm, settings=settings.from_args(args, REPO_SETTINGS))
         worker.serve()
     except (TensorParallelError, CheckpointError) as e:
         print(f"trimode serve: error: (rank {launch.rank}) {e}", file=sys.stderr, flush=True)

@@ -17,15 +17,6 @@ from trimode.runtime.parallel.comm import (DEFAULT_TIMEOUT_S, TensorParallelConf
 
 def add_tp_arguments(parser) -> None:
     """The tensor-parallel options of a ``trimode`` subcommand (generate; the server later)."""
-    def positive(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"--tp must be an integer >= 1, got {text!r}")
-        return value
-
     def seconds(text: str) -> float:
         try:
             value = float(text)
@@ -36,7 +27,8 @@ def add_tp_arguments(parser) -> None:
         return value
 
     g = parser.add_argument_group("tensor parallelism (launch N processes: mpiexec -n N, or torchrun)")
-    g.add_argument("--tp", type=positive, default=1, help="tensor-parallel ranks (default 1: no parallelism)")
+    g.add_argument("--tp", type=settings.positive_int("--tp"), default=1,
+                   help="tensor-parallel ranks (default 1: no parallelism)")
     g.add_argument("--tp-backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="collectives backend (auto: nccl on GPUs, gloo on CPU)")
     g.add_argument("--tp-timeout", type=seconds, default=DEFAULT_TIMEOUT_S,

@@ -29,6 +29,7 @@ try:  # present only inside the Triton Python backend stub
 except ImportError:  # pragma: no cover - imported outside Triton (tests of the streaming code)
     pb_utils = None
 
+from trimode.runtime import settings
 from trimode.runtime.model.tokenizer import StreamDecoder
 from trimode.runtime.request import GenerationResult
 from trimode.runtime.serving.triton_request import INPUTS, ParsedRequest, parse_parameters, parse_request
@@ -216,14 +217,9 @@ class TritonPythonModel:
             self.comm = join_group(0, p["tp"], host, int(port), timeout_s=p["tp_timeout"])
             if p["torch_threads"] > 0:
                 torch.set_num_threads(p["torch_threads"])
-            self.lm = TriModeLM.from_pretrained(model_dir, dtype=p["dtype"] or None, comm=self.comm,
-                                                num_pages=p["num_pages"], page_size=p["page_size"],
-                                                max_batch_size=p["max_concurrent_requests"], executor=p["executor"])
             keepalive = p["tp_timeout"] / 4
-        else:
-            self.lm = TriModeLM.from_pretrained(model_dir, dtype=p["dtype"] or None, num_pages=p["num_pages"],
-                                                page_size=p["page_size"], max_batch_size=p["max_concurrent_requests"],
-                                                executor=p["executor"])
+        # rank 0's shard under tensor parallelism, else the whole checkpoint
+        self.lm = TriModeLM.from_pretrained(model_dir, comm=self.comm, settings=settings.from_parameters(p))
         self.model_name = args.get("model_name", "trimode")
         self.instance_name = args.get("model_instance_name", self.model_name)
         self._metrics = self._make_metrics()

@@ -81,8 +81,7 @@ def generate_tensor_parallel(args, generate_with) -> int:
             return fail(str(e), 1)
         except BaseException as e:  # noqa: BLE001 - any failure must end this rank now
             return fail(f"tensor-parallel rank {comm.rank}: {type(e).__name__}: {e}", 1)
-        comm.close()
-        return 0
+        return 0  # serve() left the group with rank 0
     executor = loaded.executor
     try:
         code = generate_with(args, loaded)
@@ -93,6 +92,5 @@ def generate_tensor_parallel(args, generate_with) -> int:
             return fail(f"tensor-parallel rank 0: {type(e).__name__}: {e}", 1)
         executor.close()
         raise  # a request error etc.: the workers are released, the CLI reports it as usual
-    executor.close()
-    comm.close()
+    executor.close()  # releases the workers and leaves the group with them
     return code

@@ -153,8 +153,18 @@ class TPComm:
         return [p.tolist() for p in parts]
 
     def close(self) -> None:
+        """Leave the group: a barrier (every rank has received everything sent to it), then the group's
+        teardown. Every rank must call it once the last message is through (``TensorParallelExecutor.close``
+        and ``TensorParallelWorker.serve`` do); idempotent. A rank that exits with the group still up, or
+        destroys it while a peer is still reading, can abort in gloo's exit ("terminate called without an
+        active exception"). After a failed collective, exit without it instead (``os._exit``): the barrier
+        would wait for a dead peer."""
         if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                with self._collective("leaving the group"):
+                    dist.barrier(group=self.group)
+            finally:
+                dist.destroy_process_group()
 
 
 def launch_of_size(tp: int, env: Mapping[str, str] | None = None) -> LaunchInfo:

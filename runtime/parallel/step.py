@@ -97,10 +97,12 @@ class TensorParallelExecutor(Executor):
         send_message(self.comm, OP_KEEPALIVE)
 
     def close(self) -> None:
-        """Release the workers (they return from ``serve``). Skipped after an error: they stop on their own."""
+        """Release the workers (they return from ``serve``) and leave the group with them (``TPComm.close``).
+        Skipped after an error: they stop on their own. Raises ``TensorParallelError`` if a worker is gone."""
         if not (self.is_closed or self.is_broken):
             self.is_closed = True
             send_message(self.comm, OP_STOP)
+            self.comm.close()
 
 
 class TensorParallelWorker:
@@ -112,9 +114,13 @@ class TensorParallelWorker:
         self.num_steps = 0
 
     def serve(self, on_step: Callable[[int], None] | None = None) -> None:
+        """Run rank 0's steps until it closes, then leave the group with it (``TPComm.close``). ``on_step``
+        is called with the count after each step. Raises ``TensorParallelError`` when rank 0 dies or is silent
+        for longer than the collective timeout."""
         while True:
             op, payload = recv_message(self.comm)
             if op == OP_STOP:
+                self.comm.close()
                 return
             if op == OP_KEEPALIVE:
                 continue

@@ -1,6 +1,7 @@
 """Quantize an NLD checkpoint with ModelOpt and export it as a unified Hugging Face checkpoint.
 
-    python -m trimode.build.quantize --model DIR --recipe fp8 --out DIR [--calib-file F | --calib-text T]
+    python -m trimode.build.quantize --model DIR --recipe fp8 --out DIR [--calib-file F | --calib-text T |
+        --calib-dataset NAME[:CONFIG]]      # default: the checkpoint's calibration.txt, else trimode's KJV text
 
 The output keeps the NLD layout (``config.json`` + ``model.safetensors`` with ``encoder.*`` and
 ``diffusion_head`` names, ``tokenizer.json``, ``linear_spec_lora/`` unchanged) and adds ModelOpt's
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trimode.build.calibration import CalibrationError, calibration_set, find_default_text, make_forward_loop
+from trimode.build.calibration import (CalibrationError, calibration_set, make_forward_loop,
+                                       resolve_calibration_text)
 from trimode.build.recipes import Recipe, RecipeError, get_recipe, modelopt_config
 from trimode.runtime.model.checkpoint import INDEX_FILE, LORA_DIR, SINGLE_FILE, CheckpointError, load_model, load_tokenizer
 from trimode.runtime.model.network import NLDModel, causal_mask
@@ -114,16 +116,18 @@ def quantize_checkpoint(model_dir: str | Path, recipe: Recipe, out_dir: str | Pa
                         calib_source: str, num_samples: int = 32, seq_len: int = 256, quantize_head: bool = False,
                         progress: bool = True) -> dict[str, Any]:
     """Quantize ``model_dir`` with ``recipe`` and export to ``out_dir`` (which must not exist). One per process."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    t0 = time.perf_counter()
+    model = load_model(model_dir, dtype=torch.bfloat16)
+    tokenizer = load_tokenizer(model_dir, model.config)
+    calib = calibration_set(tokenizer, calib_text, calib_source, num_samples, seq_len)  # fails before ModelOpt loads
+    print(f"calibration: {len(calib.samples)} samples x {seq_len} tokens from {calib.source} "
+          f"({calib.num_text_tokens} tokens of text)", file=sys.stderr, flush=True)
     warnings.filterwarnings("ignore", message="transformers .* is not tested with current version of modelopt")
     import modelopt
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    t0 = time.perf_counter()
-    model = load_model(model_dir, dtype=torch.bfloat16)
-    tokenizer = load_tokenizer(model_dir, model.config)
-    calib = calibration_set(tokenizer, calib_text, calib_source, num_samples, seq_len)
     if recipe.kv_cache == "fp8":
         _register_kv_quantizers()
     cfg, notes = modelopt_config(recipe, model, quantize_head)
@@ -148,15 +152,19 @@ def quantize_checkpoint(model_dir: str | Path, recipe: Recipe, out_dir: str | Pa
 
 def run_in_subprocess(model_dir: str | Path, recipe: str, out_dir: str | Path, calib_file: str | Path | None = None,
                       calib_text: str | None = None, num_samples: int = 32, seq_len: int = 256,
-                      quantize_head: bool = False, progress: bool = True) -> dict[str, Any]:
+                      quantize_head: bool = False, progress: bool = True,
+                      calib_dataset: str | None = None) -> dict[str, Any]:
     """Run ``quantize_checkpoint`` in a child Python (ModelOpt exports once per process); its progress goes to our
-    stderr. Raises ``RuntimeError`` with the child's last error line if it fails."""
+    stderr. Raises ``RuntimeError`` with the child's last error line if it fails; the child is killed if this
+    process is interrupted (an exception while it runs), so it writes nothing afterwards."""
     cmd = [sys.executable, "-m", "trimode.build.quantize", "--model", str(model_dir), "--recipe", recipe,
            "--out", str(out_dir), "--calib-samples", str(num_samples), "--calib-seq-len", str(seq_len)]
     if calib_file is not None:
         cmd += ["--calib-file", str(calib_file)]
     if calib_text is not None:
         cmd += ["--calib-text", calib_text]
+    if calib_dataset is not None:
+        cmd += ["--calib-dataset", calib_dataset]
     if quantize_head:
         cmd.append("--quantize-head")
     if not progress:
@@ -164,10 +172,15 @@ def run_in_subprocess(model_dir: str | Path, recipe: str, out_dir: str | Path, c
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err_lines: list[str] = []
     assert proc.stderr is not None and proc.stdout is not None
-    for line in proc.stderr:  # progress, notes and errors pass through; the last lines explain a failure
-        sys.stderr.write(line)
-        err_lines.append(line.rstrip())
-    out = proc.stdout.read()
+    try:
+        for line in proc.stderr:  # progress, notes and errors pass through; the last lines explain a failure
+            sys.stderr.write(line)
+            err_lines.append(line.rstrip())
+        out = proc.stdout.read()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     if proc.wait() != 0:
         last = next((ln for ln in reversed(err_lines) if ln.startswith("error:")), None)
         last = last or next((ln for ln in reversed(err_lines) if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)),
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--calib-file")
     p.add_argument("--calib-text")
+    p.add_argument("--calib-dataset")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--quantize-head", action="store_true")
@@ -193,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(os.environ["TRIMODE_TEST_THREADS"]))
     try:
         recipe = get_recipe(a.recipe)
-        text, source = resolve_calibration_text(a.model, a.calib_file, a.calib_text)
+        text, source = resolve_calibration_text(a.model, a.calib_file, a.calib_text, a.calib_dataset,
+                                                a.calib_samples * a.calib_seq_len)
         summary = quantize_checkpoint(a.model, recipe, a.out, text, source, a.calib_samples, a.calib_seq_len,
                                       a.quantize_head, not a.no_progress)
     except (RecipeError, CalibrationError, CheckpointError, FileExistsError) as e:
@@ -201,20 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(summary))
     return 0
-
-
-def resolve_calibration_text(model_dir: str | Path, calib_file: str | Path | None,
-                             calib_text: str | None) -> tuple[str, str]:
-    """(text, source name): ``calib_text``, else ``calib_file``, else the checkpoint's own held-out text."""
-    if calib_text is not None:
-        return calib_text, "text"
-    path = Path(calib_file) if calib_file is not None else find_default_text(model_dir)
-    if path is None:
-        raise CalibrationError("no calibration text: pass --calib-file FILE or --calib-text TEXT (the checkpoint "
-                               "has no calibration.txt / heldout.txt)")
-    if not path.is_file():
-        raise CalibrationError(f"calibration file {path} does not exist")
-    return path.read_text(encoding="utf-8"), path.name
 
 
 if __name__ == "__main__":

@@ -10,14 +10,20 @@ Without TensorRT (CPU machines) the build stops after the ONNX stage and prints 
 manifest; run it with ``mpiexec -n N trimode generate --engine DIR --tp N``. Every build prints the per-GPU
 memory budget (weights, KV pages, activations) of the real 3B/8B/14B configs and the given model at ``--tp``
 on the target's GPU (``--gpu-gb``); ``--target spark`` selects w4a16 and budgets 128 GB of unified memory.
-Errors are one line (exit status 2); the last stdout line is a JSON summary.
+Quantized builds calibrate on ``--calib-text``, ``--calib-file``, ``--calib-dataset NAME[:CONFIG]`` (a Hugging Face
+dataset; needs ``pip install datasets`` and access to its hub), the checkpoint's own ``calibration.txt`` /
+``heldout.txt``, or else the King James Bible text shipped with trimode, and print which they used. Errors are one
+line (exit status 2) and come before anything is written; a build that fails or is interrupted (Ctrl-C,
+SIGTERM) removes what it wrote. The last stdout line is a JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from trimode.build.pipeline import BuildError, BuildOptions, build, finish_from_onnx
@@ -81,8 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="memory per GPU for the budget (default by target: " +
                         ", ".join(f"{t.name} {t.memory_gb:g}" for t in TARGETS.values()) + ")")
     p.add_argument("--layout", default="shared", help=f"TensorRT engine layout: {', '.join(LAYOUTS)}")
-    p.add_argument("--calib-file", type=Path, help="calibration text file (default: the checkpoint's heldout.txt)")
+    p.add_argument("--calib-file", type=Path, help="calibration text file (default: the checkpoint's calibration.txt "
+                                                   "or heldout.txt, else trimode's shipped King James Bible text)")
     p.add_argument("--calib-text", help="calibration text given inline")
+    p.add_argument("--calib-dataset", metavar="NAME[:CONFIG]",
+                   help="calibrate on a Hugging Face dataset's text column, streamed (needs `pip install datasets`)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--quantize-head", action="store_true", help="quantize diffusion_head too (default: kept 16-bit)")
@@ -92,8 +101,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the build, which removes what it wrote
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return _run(a)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(a)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(a: argparse.Namespace) -> int:
     try:
         if a.from_onnx is not None:
             manifest = finish_from_onnx(a.from_onnx, a.layout)
@@ -103,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = BuildOptions(model=a.model, out=a.out, recipe=a.quant, modes=tuple(a.modes.split(",")),
                                 block_length=a.block_length, max_batch=a.max_batch, max_seq=a.max_seq,
                                 page_size=a.page_size, target=a.target, layout=a.layout, calib_file=a.calib_file,
-                                calib_text=a.calib_text, calib_samples=a.calib_samples,
+                                calib_text=a.calib_text, calib_dataset=a.calib_dataset, calib_samples=a.calib_samples,
                                 calib_seq_len=a.calib_seq_len, quantize_head=a.quantize_head, tp=a.tp,
                                 overwrite=a.overwrite,
                                 progress=not a.no_progress)

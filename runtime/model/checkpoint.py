@@ -151,7 +151,7 @@ def write_random_checkpoint(path: str | Path, cfg: ModelConfig, seed: int = 0, d
         special = {cfg.mask_token_id: "<|mask|>"}
         if cfg.bos_token_id is not None:
             special[cfg.bos_token_id] = "<s>"
-        for eos in cfg.eos_token_ids:
-            special[eos] = "</s>"
+        for i, eos in enumerate(cfg.eos_token_ids):  # distinct names: one vocabulary entry per id
+            special[eos] = "</s>" if i == 0 else f"<|eos_{i}|>"
         tokenizer = word_level_tokenizer(cfg.vocab_size, special)
     return save_checkpoint(model, path, dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)

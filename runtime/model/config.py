@@ -4,6 +4,12 @@ One frozen dataclass validated once (``ModelConfig``), plus its RoPE sub-config.
 writes but that do not change the computation (``auto_map``, ``use_cache``, ``dlm_paradigm``, ...) are
 accepted and kept in ``extra``; keys that would change the computation in a way we do not implement
 (sliding windows, biases, other activations) are refused with a clear error.
+
+``null`` follows Hugging Face's Mistral / Ministral3 configs (``MistralConfig.__post_init__``): an optional key
+set to ``null`` means "not set" and takes the value the key has when it is absent: ``head_dim`` = hidden_size //
+num_attention_heads, ``num_key_value_heads`` = num_attention_heads, the RoPE keys their defaults, and so on;
+where ``null`` is itself a value (``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``sliding_window``) it
+keeps its meaning (no such token, no window). A required key set to ``null`` is refused, naming the key.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ class RopeConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         # `type` is the older spelling of `rope_type`; other unknown keys (e.g. `partial_rotary_factor` = 1)
         # are accepted only if they do not change the computation.
-        d = dict(d)
+        d = {k: v for k, v in d.items() if v is not None}  # null: not set (the key's default)
         if "type" in d and "rope_type" not in d:
             d["rope_type"] = d.pop("type")
         d.pop("type", None)
@@ -102,21 +108,28 @@ class ModelConfig:
                               f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            raise ConfigError(f"mask_token_id={self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
-        for eos in self.eos_token_ids:
-            if not 0 <= eos < self.vocab_size:
-                raise ConfigError(f"eos_token_id={eos} is outside the vocabulary (size {self.vocab_size})")
+        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings <= 0:
+            raise ConfigError(f"max_position_embeddings must be a positive integer, "
+                              f"got {self.max_position_embeddings!r}")
+        if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) \
+                or not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        for name, ids in (("mask_token_id", (self.mask_token_id,)), ("eos_token_id", self.eos_token_ids),
+                          ("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,))):
+            for token_id in ids:
+                if not _is_int(token_id) or not 0 <= token_id < self.vocab_size:
+                    raise ConfigError(f"{name}={token_id!r} is outside the vocabulary (size {self.vocab_size})")
         if self.torch_dtype not in DTYPE_NAMES:
             raise ConfigError(f"torch_dtype={self.torch_dtype!r} is not supported; allowed: {DTYPE_NAMES}")
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id (``eos_token_id`` may be one id or a list), in order; () if none."""
         if self.eos_token_id is None:
             return ()
-        if isinstance(self.eos_token_id, int):
-            return (self.eos_token_id,)
-        return tuple(self.eos_token_id)
+        if isinstance(self.eos_token_id, (list, tuple)):
+            return tuple(self.eos_token_id)
+        return (self.eos_token_id,)
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -130,7 +143,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        d = dict(d)
+        """The config of a ``config.json`` dict. Absent or ``null`` optional keys are derived as Hugging Face's
+        Mistral config derives them (module docstring); raises ``ConfigError`` naming an unsupported or
+        missing key."""
+        null_required = sorted(k for k in _REQUIRED_KEYS if k in d and d[k] is None)
+        if null_required:
+            raise ConfigError(f"config.json sets required keys {null_required} to null; they need values")
+        d = {k: v for k, v in d.items() if v is not None or k in _NULL_IS_A_VALUE}
         model_type = d.pop("model_type", None)
         if model_type != MODEL_TYPE:
             raise ConfigError(f"unsupported model_type {model_type!r}: trimode runs {MODEL_TYPE!r} checkpoints")
@@ -146,19 +165,21 @@ class ModelConfig:
         if rope is None:  # older configs spell RoPE as top-level keys
             rope = {"rope_type": "default"} if d.get("rope_scaling") is None else dict(d["rope_scaling"])
             rope.setdefault("rope_theta", d.get("rope_theta", 1e6))
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_parameters must be an object, got {rope!r}")
         d.pop("rope_scaling", None)
         d.pop("rope_theta", None)
         dtype = d.pop("dtype", None) or d.pop("torch_dtype", None) or "bfloat16"
         d.pop("torch_dtype", None)
         names = {f.name for f in dataclasses.fields(cls)} - {"rope", "extra", "torch_dtype"}
-        required = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "mask_token_id"}
-        missing = sorted(required - set(d))
+        missing = sorted(set(_REQUIRED_KEYS) - set(d))
         if missing:
             raise ConfigError(f"config.json lacks required keys {missing}")
         kwargs = {k: d.pop(k) for k in list(d) if k in names}
         kwargs.setdefault("num_key_value_heads", kwargs["num_attention_heads"])
-        kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
+        if isinstance(kwargs["hidden_size"], int) and isinstance(kwargs["num_attention_heads"], int) \
+                and kwargs["num_attention_heads"] > 0:
+            kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = tuple(kwargs["eos_token_id"])
         return cls(rope=RopeConfig.from_dict(rope), torch_dtype=dtype, extra=d, **kwargs)
@@ -206,6 +227,11 @@ class ModelConfig:
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "mask_token_id")
+# Keys whose null is a value of its own rather than "not set".
+_NULL_IS_A_VALUE = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "sliding_window"})
+
 # Keys whose other values would change the computation in ways trimode does not implement.
 _FIXED_KEYS: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu",),
@@ -213,6 +239,10 @@ _FIXED_KEYS: dict[str, tuple[Any, ...]] = {
     "mlp_bias": (False,),
     "sliding_window": (None,),
 }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:

@@ -1,7 +1,8 @@
 """The NLD checkpoint format on disk (Hugging Face layout): file names, safetensors reading (whole or by slice),
 ``config.json``, the base weights' name/shape/dtype check and the PEFT drafter adapter.
 
-A directory holds ``config.json``, ``model.safetensors`` or shards listed in ``model.safetensors.index.json``
+A directory holds ``config.json`` (and optionally ``generation_config.json``, whose ``eos_token_id`` adds to
+config.json's), ``model.safetensors`` or shards listed in ``model.safetensors.index.json``
 (tensor names ``encoder.*`` and ``diffusion_head.weight``; bf16, fp16 or fp32), optionally ``tokenizer.json``
 and a PEFT drafter adapter in ``linear_spec_lora/`` (``adapter_config.json`` + ``adapter_model.safetensors``,
 LoRA on ``o_proj``, any rank and alpha). Every inconsistency is a ``CheckpointError`` naming the file and the
@@ -25,6 +26,7 @@ from trimode.runtime.model.rope import rope_frequencies
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LORA_DIR = "linear_spec_lora"
+GENERATION_CONFIG_FILE = "generation_config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LORA_KEY = re.compile(r"layers\.(\d+)\.self_attn\.o_proj\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
@@ -154,10 +156,39 @@ def load_lora(path: Path, cfg: ModelConfig) -> LoraAdapter:
 
 
 def load_config(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of checkpoint ``path``: ``config.json``, with ``eos_token_id`` widened to the union of
+    config.json's and ``generation_config.json``'s end-of-sequence ids (each one id or a list; config.json's
+    first, in order), so generation stops at every id either file declares. Raises ``CheckpointError`` naming
+    the file for a missing, unreadable or unsupported config."""
+    path = Path(path)
     try:
-        return ModelConfig.from_file(Path(path) / "config.json")
+        cfg = ModelConfig.from_file(path / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    eos_ids = cfg.eos_token_ids + tuple(i for i in generation_eos_token_ids(path) if i not in cfg.eos_token_ids)
+    if eos_ids == cfg.eos_token_ids:
+        return cfg
+    try:
+        return cfg.replace(eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids)
+    except ConfigError as e:
+        raise CheckpointError(f"{path / GENERATION_CONFIG_FILE}: {e}") from None
+
+
+def generation_eos_token_ids(path: str | Path) -> tuple[int, ...]:
+    """The ``eos_token_id`` of ``path``'s ``generation_config.json`` (Hugging Face ``GenerationConfig``: one id,
+    a list, or null) as a tuple; () without the file. Raises ``CheckpointError`` for unreadable JSON or ids that
+    are not integers."""
+    file = Path(path) / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return ()
+    try:
+        value = json.loads(file.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{file} is not a JSON object: {e}") from None
+    ids = () if value is None else tuple(value) if isinstance(value, list) else (value,)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise CheckpointError(f"{file}: eos_token_id must be an integer or a list of integers, got {value!r}")
+    return ids
 
 
 def reset_rope(model: NLDModel) -> None:

@@ -1,5 +1,10 @@
 """The checkpoint's tokenizer (``tokenizer.json``, Hugging Face ``tokenizers`` format) and incremental
-detokenization for streaming."""
+detokenization for streaming.
+
+Special tokens follow ``transformers`` (5.x, ``TokenizersBackend``) for the same directory: a prompt is encoded
+with ``add_special_tokens=True``, i.e. through ``tokenizer.json``'s post-processor (a ``TemplateProcessing``
+such as ``"<s> $A"`` adds the BOS token; none adds nothing). Like ``transformers`` when ``tokenizer.json``
+exists, ``add_bos_token`` / ``add_eos_token`` in ``tokenizer_config.json`` do not override that template."""
 
 from __future__ import annotations
 
@@ -49,8 +54,12 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``. ``add_special_tokens=True`` applies the post-processor's template (BOS / EOS
+        as ``transformers``' ``tokenizer(text)`` adds them: use it for prompts); the default encodes the bare
+        text (calibration streams, stop strings, pieces of a document). Runs without the GIL (``encode_batch``
+        releases it, ``encode`` does not), so a long prompt tokenized on one thread never pauses the others."""
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=True)

@@ -30,7 +30,8 @@ class TriModeLM:
 
     Attributes: ``model``, ``tokenizer`` (None: token ids only), ``config`` (ModelConfig), ``cache``
     (PagedKVCache), ``executor``, ``engine`` (the loop), ``engine_manifest`` (the checked manifest of an engine
-    directory, else None), ``settings`` (RuntimeSettings).
+    directory, else None), ``settings`` (RuntimeSettings), ``default_block_length`` (an engine directory's block
+    length, else the config's ``block_size``).
     """
 
     def __init__(self, model: NLDModel, tokenizer: Tokenizer | None = None, num_pages: int | None = None,
@@ -49,6 +50,19 @@ class TriModeLM:
         self.model, self.tokenizer, self.config = rt.model, rt.tokenizer, rt.model.config
         self.cache, self.executor, self.engine, self.engine_manifest = rt.cache, rt.executor, rt.engine, \
             rt.engine_manifest
+        limits = rt.engine.limits
+        # the block length requests get by default: the engines' (their profiles are tuned for it), else the model's
+        self.default_block_length = limits.block_length if limits is not None else self.config.block_size
+
+    def set_batch_invariant(self, enabled: bool = True) -> "TriModeLM":
+        """Batch-invariant execution on or off (runtime.model.network): each token's forward is computed alone,
+        so its logits do not depend on what shares the pass, and greedy ``linear_spec_generate`` equals
+        ``ar_generate`` token for token in every dtype (bf16 included). Several times slower; torch executor
+        only (``ValueError`` otherwise). Returns self."""
+        if enabled and self.settings.executor != "torch":
+            raise ValueError(f"batch-invariant execution needs the torch executor, not {self.settings.executor!r}")
+        self.model.batch_invariant = bool(enabled)
+        return self
 
     @classmethod
     def from_runtime(cls, rt: Runtime) -> "TriModeLM":
@@ -76,17 +90,22 @@ class TriModeLM:
         return cls.from_runtime(assembly.from_checkpoint(path, settings, dtype, device))
 
     @classmethod
-    def from_engine(cls, path: str | Path, executor: str = "onnxruntime", comm: TPComm | None = None,
+    def from_engine(cls, path: str | Path, executor: str = "auto", comm: TPComm | None = None,
                     settings: RuntimeSettings = DEFAULTS, page_size: int | None = None, num_pages: int | None = None,
                     max_batch_size: int | None = None, **executor_kwargs) -> "TriModeLM | TensorParallelWorker":
         """A runtime over an engine directory (scripts/build_engine.py); the manifest is checked first
-        (``EngineDirError`` / ``EngineMismatch`` name what does not match). ``executor``: "onnxruntime" (the
-        graphs) or "torch" (the engine's checkpoint). With ``comm``, this rank's graph set of a ``--tp`` build
-        (onnxruntime only): rank 0 gets the ``TriModeLM``, the others a ``TensorParallelWorker``.
-        ``executor_kwargs`` go to the executor (e.g. ``threads``)."""
+        (``EngineDirError`` / ``EngineMismatch`` name what does not match). ``executor``: "auto" (TensorRT where
+        its plans can run here, else onnxruntime: ``assembly.engine_executor``), "tensorrt" (the plans, CUDA),
+        "onnxruntime" (the reference graphs) or "torch" (the engine's checkpoint). The engines' build-time limits size the runtime and admit
+        requests (manifest ``shapes``: pages, batch, sequence length, tokens per forward of each engine kind;
+        ``num_pages`` / ``max_batch_size`` default to them and may not exceed them; requests default to its
+        block length); a request beyond them waits or is refused with a ``RequestError`` naming the limit.
+        With ``comm``, this rank's graph set of a ``--tp`` build (onnxruntime only): rank 0 gets the
+        ``TriModeLM``, the others a ``TensorParallelWorker``. ``executor_kwargs`` go to the executor (e.g.
+        ``threads``)."""
         settings = settings.with_(num_pages=num_pages, max_batch_size=max_batch_size)
         if comm is not None:
-            if executor != "onnxruntime":
+            if executor not in ("auto", "onnxruntime"):
                 raise ValueError(f"a tensor-parallel engine directory runs each rank's graphs with the onnxruntime "
                                  f"executor, not {executor!r}")
             loaded = assembly.from_engine_dir_tensor_parallel(path, comm, settings, page_size, **executor_kwargs)
@@ -99,7 +118,7 @@ class TriModeLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this checkpoint has no tokenizer: pass token ids instead of text")
-            return tuple(self.tokenizer.encode(prompt))
+            return tuple(self.tokenizer.encode(prompt, add_special_tokens=True))  # BOS as the tokenizer adds it
         ids = tuple(int(t) for t in prompt)
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
@@ -135,19 +154,19 @@ class TriModeLM:
 
     def ar_generate(self, prompts, max_new_tokens: int = 128, **kw) -> list[GenerationResult]:
         """Autoregressive decoding: one token per forward."""
-        return self._batch(prompts, mode_config(Mode.AR, self.config.block_size), max_new_tokens, **kw)
+        return self._batch(prompts, mode_config(Mode.AR, self.default_block_length), max_new_tokens, **kw)
 
     def generate(self, prompts, max_new_tokens: int = 128, block_length: int | None = None, policy: str = "threshold",
                  threshold: float | None = None, max_steps: int | None = None, causal_context: bool = True,
                  **kw) -> list[GenerationResult]:
-        """Block diffusion: denoise blocks of ``block_length`` (default: the config's block_size).
+        """Block diffusion: denoise blocks of ``block_length`` (default: ``default_block_length``).
         ``threshold`` (policy 'threshold' only) defaults to 0.9, the model card's setting."""
-        mode = mode_config(Mode.DIFFUSION, self.config.block_size, block_length or None, threshold, policy, max_steps,
+        mode = mode_config(Mode.DIFFUSION, self.default_block_length, block_length or None, threshold, policy, max_steps,
                            causal_context=causal_context)
         return self._batch(prompts, mode, max_new_tokens, **kw)
 
     def linear_spec_generate(self, prompts, max_new_tokens: int = 128, block_length: int | None = None,
                              threshold: float = 0.0, use_lora: bool = True, **kw) -> list[GenerationResult]:
         """Linear self-speculation: diffusion drafts verified by causal passes; lossless w.r.t. ar_generate."""
-        mode = mode_config(Mode.SPEC, self.config.block_size, block_length or None, threshold, use_lora=use_lora)
+        mode = mode_config(Mode.SPEC, self.default_block_length, block_length or None, threshold, use_lora=use_lora)
         return self._batch(prompts, mode, max_new_tokens, **kw)

@@ -7,6 +7,16 @@ batch), hand each sequence its logits, apply rollbacks, and retire finished sequ
 Page exhaustion never crashes the loop and never leaks: a sequence whose pages cannot be reserved waits
 while others make progress; if no sequence can progress, the newest stuck one fails with the
 ``KVCacheExhausted`` message and its pages are freed.
+
+A failure caused by one sequence fails only that sequence (``finish_reason`` "error", its exception kept on
+the result); the step goes on for the others: an exception while planning or consuming its pass (sampling,
+a callback), or a forward that fails with it in the batch but not without it (the batch's passes are then
+run one by one to find the culprit). Interrupts (``BaseException`` other than ``Exception``) propagate.
+
+Build-time limits (an engine directory's ``EngineLimits``): a request beyond what the engines can ever hold
+(sequence length, a pass longer than its engine kind's tokens per forward, a mode not built) is refused by
+``add_request`` with a ``RequestError`` naming the limit; passes that fit alone but not together wait for a
+later step (each engine kind's tokens per forward are a budget filled in admission order).
 """
 
 from __future__ import annotations
@@ -15,22 +25,40 @@ import itertools
 from collections import deque
 
 from trimode.runtime.executors.base import Executor
+from trimode.runtime.executors.engine_dir import EngineLimits
+from trimode.runtime.executors.engine_kinds import PASS_TO_KIND
 from trimode.runtime.kv_cache import KVCacheExhausted
 from trimode.runtime.modes import make_policies
 from trimode.runtime.passes import PassKind, SeqPass
-from trimode.runtime.request import GenerationRequest, GenerationResult, RequestError, SequenceState, TokenCallback
+from trimode.runtime.request import (GenerationRequest, GenerationResult, Mode, RequestError, SequenceState,
+                                     TokenCallback)
 from trimode.runtime.settings import DEFAULTS
+
+# the passes each mode runs, and how many tokens each holds (b: the mode's block length)
+_MODE_PASSES = {Mode.AR: ((PassKind.DECODE, lambda b: 1),),
+                Mode.DIFFUSION: ((PassKind.DENOISE, lambda b: b), (PassKind.COMMIT, lambda b: b)),
+                Mode.SPEC: ((PassKind.DRAFT, lambda b: b), (PassKind.VERIFY, lambda b: b))}
 
 
 class Engine:
+    """The decoding loop over one executor and its KV cache (see the module docstring).
+
+    ``max_position_embeddings``: positions per sequence (prompt + new tokens); ``max_batch_size``: sequences
+    in the running batch (the rest wait); ``limits``: an engine directory's build-time limits (None: only the
+    model's and the pool's)."""
+
     def __init__(self, executor: Executor, mask_token_id: int, max_position_embeddings: int,
-                 max_batch_size: int = DEFAULTS.max_batch_size) -> None:
+                 max_batch_size: int = DEFAULTS.max_batch_size, limits: EngineLimits | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if limits is not None and max_batch_size > limits.max_batch:
+            raise ValueError(f"max_batch_size {max_batch_size} exceeds the max_batch of {limits.max_batch} "
+                             f"the engines of {limits.source} were built for")
         self.executor, self.cache = executor, executor.cache
         self.policies = make_policies(mask_token_id)
         self.max_positions = max_position_embeddings
         self.max_batch_size = max_batch_size
+        self.limits = limits
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
         self.finished: dict[int, GenerationResult] = {}
@@ -39,8 +67,10 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------------
 
-    def add_request(self, request: GenerationRequest, on_tokens: TokenCallback | None = None) -> int:
-        """Queue a request; returns its id. Raises ``RequestError`` for requests that can never run."""
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise ``RequestError`` naming the limit if ``request`` can never run here: more positions than the
+        model (or the engines) hold, a prompt larger than the pool, a mode whose engines were not built, or a
+        pass longer than its engine kind's tokens per forward."""
         total = len(request.prompt_ids) + request.max_new_tokens
         if total > self.max_positions:
             raise RequestError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
@@ -49,6 +79,32 @@ class Engine:
         if len(request.prompt_ids) + 1 > capacity:
             raise RequestError(f"the prompt ({len(request.prompt_ids)} tokens) does not fit in the KV cache "
                                f"({capacity} tokens in all)")
+        lim = self.limits
+        if lim is None:
+            return
+        if total > lim.max_seq:
+            raise RequestError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens})"
+                               f" exceeds max_seq = {lim.max_seq}, the sequence length the engines of {lim.source} "
+                               f"were built for")
+        passes = [(PassKind.PREFILL, len(request.prompt_ids), "the prompt")]
+        for cfg in (request.mode, *(m for _, m in request.switches)):
+            if cfg.mode.value not in lim.modes:
+                raise RequestError(f"mode {cfg.mode.value!r} is not available: the engines of {lim.source} were built "
+                                   f"for modes {list(lim.modes)} (build_engine.py --modes)")
+            block = getattr(cfg, "block_length", 1)
+            passes += [(kind, size(block), f"a {cfg.mode.value} block of {block}") for kind, size in _MODE_PASSES[cfg.mode]]
+        for kind, num_tokens, what in passes:
+            engine_kind = PASS_TO_KIND[kind]
+            most = lim.max_tokens.get(engine_kind)
+            if most is not None and num_tokens > most:
+                raise RequestError(f"{what} needs a {kind.value} pass of {num_tokens} tokens, more than the "
+                                   f"{most} tokens per forward the {engine_kind!r} engine of {lim.source} was built for "
+                                   f"(max_batch x (block_length + 1) for block passes)")
+
+    def add_request(self, request: GenerationRequest, on_tokens: TokenCallback | None = None) -> int:
+        """Queue a request; returns its id. Raises ``RequestError`` for requests that can never run
+        (``check_request``)."""
+        self.check_request(request)
         seq = SequenceState(next(self._ids), request, request.mode, request.sampling.generator(), on_tokens=on_tokens)
         self.waiting.append(seq)
         return seq.seq_id
@@ -87,14 +143,29 @@ class Engine:
                     seq.mode = mode
         return self.policies[seq.mode.mode].plan(seq, self.cache.length(seq.seq_id))
 
+    @staticmethod
+    def _fail(seq: SequenceState, error: BaseException, message: str | None = None) -> None:
+        seq.finish_reason, seq.exception = "error", error
+        seq.error = message or f"{type(error).__name__}: {error}"
+
+    def _fits(self, p: SeqPass, used: dict[str, int]) -> bool:
+        """Whether ``p`` fits what is left of its engine kind's tokens-per-forward budget this step."""
+        most = None if self.limits is None else self.limits.max_tokens.get(PASS_TO_KIND[p.kind])
+        return most is None or used.get(PASS_TO_KIND[p.kind], 0) + p.num_tokens <= most
+
     def step(self) -> list[int]:
         """Run one forward over every running sequence. Returns the ids of requests that finished."""
         self._admit()
         planned: list[tuple[SequenceState, SeqPass]] = []
         stuck: list[tuple[SequenceState, KVCacheExhausted]] = []
+        used: dict[str, int] = {}
         for seq in self.running:
-            p = None if seq.is_finished else self._plan(seq)
-            if p is None:
+            try:
+                p = None if seq.is_finished else self._plan(seq)
+            except Exception as e:  # this sequence's fault (e.g. its sampling, its callback): it alone fails
+                self._fail(seq, e)
+                continue
+            if p is None or not self._fits(p, used):  # over its engine kind's budget: next step
                 continue
             if p.kind.keeps_kv:
                 try:
@@ -102,25 +173,54 @@ class Engine:
                 except KVCacheExhausted as e:
                     stuck.append((seq, e))
                     continue
+            used[PASS_TO_KIND[p.kind]] = used.get(PASS_TO_KIND[p.kind], 0) + p.num_tokens
             planned.append((seq, p))
         if not planned and stuck:  # nobody can progress: fail the newest stuck sequence, the rest retry
             seq, err = stuck[-1]
-            seq.finish_reason, seq.error, seq.exception = "error", str(err), err
+            self._fail(seq, err, str(err))
         if planned:
-            all_logits = self.executor.forward([p for _, p in planned])
+            all_logits = self._forward(planned)
             self.num_steps += 1
             for (seq, p), logits in zip(planned, all_logits):
-                seq.forwards[p.kind.value] += 1
-                if p.kind.keeps_kv:
-                    self.cache.set_length(seq.seq_id, p.end_pos)
-                if p.kind is PassKind.PREFILL:
-                    seq.is_prefilled, seq.next_logits = True, logits[-1]
-                else:
-                    self.policies[seq.mode.mode].consume(seq, p, logits)
-                if seq.truncate_to is not None:
-                    self.cache.truncate(seq.seq_id, seq.truncate_to)
-                    seq.truncate_to = None
+                if logits is not None:
+                    self._consume(seq, p, logits)
         return self._retire()
+
+    def _forward(self, planned: list[tuple[SequenceState, SeqPass]]) -> list:
+        """Logits per pass; None for a pass whose sequence failed. A failed batched forward is retried pass by
+        pass, so that only the sequences whose pass fails on its own fail (unless the executor is broken)."""
+        try:
+            return self.executor.forward([p for _, p in planned])
+        except Exception as e:
+            if len(planned) == 1 or getattr(self.executor, "is_broken", False):
+                for seq, _ in planned:
+                    self._fail(seq, e)
+                return [None] * len(planned)
+        out = []
+        for seq, p in planned:
+            try:
+                out.append(self.executor.forward([p])[0])
+            except Exception as e:
+                self._fail(seq, e)
+                out.append(None)
+        return out
+
+    def _consume(self, seq: SequenceState, p: SeqPass, logits) -> None:
+        seq.forwards[p.kind.value] += 1
+        if p.kind.keeps_kv:
+            self.cache.set_length(seq.seq_id, p.end_pos)
+        try:
+            if p.kind is PassKind.PREFILL:
+                seq.is_prefilled, seq.next_logits = True, logits[-1]
+            else:
+                self.policies[seq.mode.mode].consume(seq, p, logits)
+        except Exception as e:  # this sequence's fault: it alone fails (its pages are freed when it retires)
+            self._fail(seq, e)
+            seq.truncate_to = None
+            return
+        if seq.truncate_to is not None:
+            self.cache.truncate(seq.seq_id, seq.truncate_to)
+            seq.truncate_to = None
 
     def _retire(self) -> list[int]:
         done = [s for s in self.running if s.is_finished]
@@ -131,17 +231,29 @@ class Engine:
         return [s.seq_id for s in done]
 
     def run(self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None) -> list[GenerationResult]:
-        """Run requests to completion (continuing any already queued) and return their results in order."""
-        ids = [self.add_request(r, on_tokens) for r in requests]
+        """Run requests to completion (continuing any already queued) and return their results in order.
+
+        Whatever ends it early (a request refused by ``add_request``, an interrupt, an exception outside any
+        one sequence) leaves nothing of these requests behind: not queued, not running, no pages, no result in
+        ``finished``; requests queued by others stay."""
+        ids: list[int] = []
         try:
+            for r in requests:
+                ids.append(self.add_request(r, on_tokens))
             while any(i not in self.finished for i in ids):
                 self.step()
         except BaseException:
-            # an executor failure or an interrupt: nothing of these requests may stay in the cache
-            for seq in list(self.waiting) + self.running:
-                if seq.seq_id in ids and not seq.is_finished:
-                    seq.finish_reason, seq.error = "error", "aborted"
-            self.waiting = deque(s for s in self.waiting if not s.is_finished)
-            self._retire()
+            self._abort(set(ids))
             raise
         return [self.pop_result(i) for i in ids]
+
+    def _abort(self, ids: set[int]) -> None:
+        """Remove every trace of the sequences ``ids``: queue entries, running state, pages, results."""
+        self.waiting = deque(s for s in self.waiting if s.seq_id not in ids)
+        for seq in self.running:
+            if seq.seq_id in ids and not seq.is_finished:
+                seq.finish_reason, seq.error = "error", "aborted"
+        self._retire()
+        for i in ids:
+            self.finished.pop(i, None)
+            self.cache.free(i)

@@ -94,7 +94,8 @@ class DiffusionPolicy(ModePolicy):
             length = min(cfg.block_length, seq.num_remaining + (seq.pending is not None))
             block = seq.policy_state = self.new_block(seq, length)
             num_masks = sum(block.masked)
-            block.schedule = even_schedule(num_masks, cfg.steps_for(length))
+            # more steps than masks reveal nothing more (every step reveals >= 1): cap, so max_steps may be huge
+            block.schedule = even_schedule(num_masks, min(cfg.steps_for(length), max(num_masks, 1)))
             if num_masks == 0:
                 block.phase = PassKind.COMMIT
         return SeqPass(seq.seq_id, block.phase, tuple(block.tokens), cache_len,

@@ -6,6 +6,14 @@ Attention is not computed here: each forward receives an ``attend(layer, q, k, v
 weights and layer math serve dense forwards (training, full-recompute checks: ``forward_dense``) and paged
 forwards over the shared KV cache (``runtime.executor``). The drafter LoRA on ``o_proj`` is applied only to
 tokens whose ``lora_mask`` is 1 (draft passes).
+
+Batch-invariant execution (``NLDModel.batch_invariant``, off by default): every row-mixing computation (the
+linears, RMSNorm, the head, and with ``batch_invariant_attention`` the attention) runs one token row at a time
+on a fresh copy, so a token's hidden state and logits are bitwise the same whatever else shares its forward
+(a 1-token decode pass, a 16-token verify pass, other sequences). Batched GEMMs and attention pick their
+reduction order by shape, which is why a verify pass and a decode pass otherwise round differently (visible in
+bf16 at near-ties); the price is one small GEMM per token and layer (slow: an opt-in for exactness checks and
+for callers who need greedy self-speculation to equal AR bit for bit).
 """
 
 from __future__ import annotations
@@ -105,6 +113,7 @@ class NLDModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lora: LoraAdapter | None = None
+        self.batch_invariant = False  # see the module docstring; executors that honour it compute attention row-wise
         # Sum of partial results across tensor-parallel ranks (identity on one rank): applied to the attention
         # output (o_proj + LoRA) and the MLP output of every layer. See runtime/parallel/sharding.py.
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
@@ -136,25 +145,27 @@ class NLDModel(nn.Module):
         if use_lora:
             token_gate = lora_mask.to(h.dtype)[..., None]
         lead = input_ids.shape
+        rows = by_rows if self.batch_invariant else _apply
         for i, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(*lead, attn.hq, attn.d)
-            k = attn.k_proj(x).view(*lead, attn.hkv, attn.d)
-            v = attn.v_proj(x).view(*lead, attn.hkv, attn.d)
+            x = rows(layer.input_layernorm, h)
+            q = rows(attn.q_proj, x).view(*lead, attn.hq, attn.d)
+            k = rows(attn.k_proj, x).view(*lead, attn.hkv, attn.d)
+            v = rows(attn.v_proj, x).view(*lead, attn.hkv, attn.d)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if q_scale is not None:
                 q = q * q_scale.to(q.dtype)[..., None, None]
             o = attend(i, q, k, v).reshape(*lead, attn.hq * attn.d)
-            out = attn.o_proj(o)
+            out = rows(attn.o_proj, o)
             if use_lora:
-                out = out + self.lora.delta(i, o) * token_gate
+                out = out + rows(lambda x, i=i: self.lora.delta(i, x), o) * token_gate
             h = h + self.reduce(out)
-            h = h + self.reduce(layer.mlp(layer.post_attention_layernorm(h)))
-        return self.encoder.norm(h)
+            h = h + self.reduce(rows(lambda x, f=layer: f.mlp(f.post_attention_layernorm(x)), h))
+        return rows(self.encoder.norm, h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.diffusion_head(hidden)
+        """Logits [..., V] of final hidden states [..., H] (row by row when ``batch_invariant``)."""
+        return (by_rows if self.batch_invariant else _apply)(self.diffusion_head, hidden)
 
     def forward_dense(self, input_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
                       lora_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,6 +226,49 @@ def on_meta_device() -> Iterator[None]:
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return fn(x)
+
+
+def by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to each token row of x [..., H] alone, on a fresh (aligned, contiguous) copy, results
+    concatenated: [..., H'] bitwise independent of the other rows (the batch-invariant form of a row-wise op)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.cat([fn(flat[r:r + 1].clone()) for r in range(flat.shape[0])]) if flat.shape[0] else fn(flat)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def batch_invariant_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor,
+                              v_pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                              query_start: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
+    """Paged attention (the op of docs/kernels.md, as ``plugins.paged_attention``) with each query row computed
+    alone over exactly the keys it sees, so that its result does not depend on the other rows of the pass.
+
+    q [T, Hq, D], k_new / v_new [T, Hkv, D] (the pass's new tokens, sequence by sequence as ``query_start``
+    [S + 1] int32 delimits), pools [num_pages, page_size, Hkv, D] of one layer, block_tables [S, P] int32,
+    context_lens [S] int32 (committed prefix lengths). A causal query at offset j sees prefix + new[:j + 1],
+    a block-bidirectional one prefix + all new. fp32 math (softmax(q k^T * scale) v, GQA by head groups),
+    q's dtype out: [T, Hq, D]. A query at position p thus always reduces over the same p + 1 keys in the same
+    order, whether it is decoded alone or verified inside a block.
+    """
+    out = torch.empty_like(q)
+    page, group = k_pool.shape[1], q.shape[1] // k_pool.shape[2]
+    starts, lengths = query_start.tolist(), context_lens.tolist()
+    for s, length in enumerate(lengths):
+        a, b = starts[s], starts[s + 1]
+        pos = torch.arange(length, device=q.device)
+        slots = block_tables[s].long()[pos // page] * page + pos % page
+        keys = torch.cat([k_pool.flatten(0, 1).index_select(0, slots), k_new[a:b]]).float()
+        values = torch.cat([v_pool.flatten(0, 1).index_select(0, slots), v_new[a:b]]).float()
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)  # [L, Hq, D]
+        for j in range(b - a):
+            seen = length + (j + 1 if is_causal else b - a)
+            k, v = keys[:seen].transpose(0, 1).contiguous(), values[:seen].transpose(0, 1).contiguous()
+            scores = torch.bmm(q[a + j].float()[:, None].contiguous(), k.transpose(1, 2)) * scale  # [Hq, 1, L]
+            out[a + j] = torch.bmm(scores.softmax(-1), v)[:, 0].to(q.dtype)
+    return out
 
 
 def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:

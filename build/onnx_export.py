@@ -17,7 +17,7 @@ from typing import Callable
 import onnx
 from onnx import external_data_helper
 
-from trimode.build.onnx_graph import ModelWeights, build_graph
+from trimode.build.onnx_graph import GRAPH_VERSION, ModelWeights, build_graph  # GRAPH_VERSION: re-exported
 from trimode.build.sharding import shard_weights
 from trimode.runtime.executors.engine_kinds import ENGINE_KINDS
 from trimode.runtime.model.hf_format import LORA_DIR, load_config, load_lora, read_safetensors, weight_files

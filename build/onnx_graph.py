@@ -21,8 +21,9 @@ the runtime binds them to the same memory as ``k_pool.{l}`` (in place; the pool 
 per layer lets every executor bind a slice of the runtime's one ``[layers, pages, ...]`` pool by address.
 
 Forms: ``plugin`` (attention and KV append are ``trimode`` plugin nodes, docs/kernels.md) for TensorRT, and
-``reference`` (the same two ops decomposed into standard ONNX ops: gather through the block tables, masked
-softmax, ScatterND into the pool) for onnxruntime on CPU. The ``unified`` plugin graph serves every kind in
+``reference`` (the same two ops decomposed into standard ONNX ops: each sequence's prefix gathered once per layer
+through its block table, its new tokens padded to the batch's longest, masked softmax, ScatterND into the pool)
+for onnxruntime on CPU. The ``unified`` plugin graph serves every kind in
 one TensorRT engine: ``is_causal`` picks one of two attention nodes through an ``If``, ``kv_append`` writes
 nothing for slot -1 (draft) and the LoRA is gated by ``lora_mask``.
 
@@ -48,6 +49,9 @@ from trimode.runtime.model.quantized import linear_format, unpack_int4
 from trimode.runtime.model.rope import rope_frequencies
 
 OPSET = 21
+# The graphs' version: part of a build's key (build/pipeline.py), so engine directories written with other graphs
+# are rebuilt. 2: the reference form gathers each sequence's prefix once per layer (1: once per token).
+GRAPH_VERSION = 2
 FLOAT = TensorProto.FLOAT
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -189,52 +193,72 @@ class GraphBuilder:
                          name=f"attention_{layer}")
 
     def _attention_precompute(self) -> None:
-        """Per-token sequence index, prefix slots and the additive mask [T, 1, 1, C + T], shared by all layers."""
-        g, S = self.g, self.page_size
-        num_tokens = g.op("Squeeze", [g.op("Shape", ["input_ids"]), g.const([0])])
-        tidx = g.op("Range", [g.const(0), num_tokens, g.const(1)])
-        qs_end = g.op("Slice", [g.op("Cast", ["query_start"], to=TensorProto.INT64), g.const([1]),
-                                g.const([np.iinfo(np.int64).max]), g.const([0])])
+        """What every layer's reference attention shares: the ragged tokens laid out per sequence, padded to the
+        longest (``pad_gather`` [N, Tmax] token of each padded row, ``unpad_index`` [T] padded row of each token),
+        each sequence's prefix slots ``prefix_slots`` [N, C] (C = the longest committed prefix, not the block
+        tables' width) and the additive mask ``attn_bias`` [N, 1, Tmax * G, C + Tmax] (rows: token-major, then
+        the query heads of one KV head)."""
+        g, S, grp = self.g, self.page_size, self.cfg.num_queries_per_kv
+        i64, big = TensorProto.INT64, np.iinfo(np.int64).max
+        num_tokens = g.op("Shape", ["input_ids"])  # [1]
+        tidx = g.op("Range", [g.const(0), g.op("Squeeze", [num_tokens, g.const([0])]), g.const(1)])  # [T]
+        qs = g.op("Cast", ["query_start"], to=i64)
+        qs_begin = g.op("Slice", [qs, g.const([0]), g.const([-1]), g.const([0])])  # [N]
+        qs_end = g.op("Slice", [qs, g.const([1]), g.const([big]), g.const([0])])
+        lens = g.op("Sub", [qs_end, qs_begin])  # [N] new tokens per sequence
+        max_len = g.op("ReduceMax", [lens, g.const([0])], keepdims=1)  # [1] = Tmax
         ge = g.op("GreaterOrEqual", [g.op("Unsqueeze", [tidx, g.const([1])]),
                                      g.op("Unsqueeze", [qs_end, g.const([0])])])
-        tok_seq = g.op("ReduceSum", [g.op("Cast", [ge], to=TensorProto.INT64), g.const([1])], keepdims=0)
-        ctx_tok = g.op("Gather", [g.op("Cast", ["context_lens"], to=TensorProto.INT64), tok_seq])
-        tables = g.op("Gather", [g.op("Cast", ["block_tables"], to=TensorProto.INT64), tok_seq])  # [T, MP]
-        max_pages = g.op("Slice", [g.op("Shape", ["block_tables"]), g.const([1]), g.const([2])])
-        cidx = g.op("Range", [g.const(0), g.op("Squeeze", [g.op("Mul", [max_pages, g.const([S])]), g.const([0])]),
-                              g.const(1)])  # [C]
-        pages = g.op("Gather", [tables, g.op("Div", [cidx, g.const(S)])], axis=1)  # [T, C]
+        tok_seq = g.op("ReduceSum", [g.op("Cast", [ge], to=i64), g.const([1])], keepdims=0)  # [T]
+        tok_pos = g.op("Sub", [tidx, g.op("Gather", [qs_begin, tok_seq])])  # [T] index within its sequence
+        self.unpad_index = g.op("Add", [g.op("Mul", [tok_seq, max_len]), tok_pos])  # [T] row of [N * Tmax]
+        jr = g.op("Range", [g.const(0), g.op("Squeeze", [max_len, g.const([0])]), g.const(1)])  # [Tmax]
+        row = g.op("Unsqueeze", [jr, g.const([0])])  # [1, Tmax]
+        gather = g.op("Add", [g.op("Unsqueeze", [qs_begin, g.const([1])]), row])  # [N, Tmax]
+        # padded rows repeat a real token (clipped); their keys are masked out and their outputs dropped
+        self.pad_gather = g.op("Min", [gather, g.op("Sub", [num_tokens, g.const([1])])])
+        new_ok = g.op("Less", [row, g.op("Unsqueeze", [lens, g.const([1])])])  # [N, Tmax] real new keys
+        ctx = g.op("Cast", ["context_lens"], to=i64)
+        max_ctx = g.op("ReduceMax", [ctx, g.const([0])], keepdims=1)  # [1] = C
+        cidx = g.op("Range", [g.const(0), g.op("Squeeze", [max_ctx, g.const([0])]), g.const(1)])  # [C]
+        tables = g.op("Cast", ["block_tables"], to=i64)  # [N, max_pages]
+        pages = g.op("Gather", [tables, g.op("Div", [cidx, g.const(S)])], axis=1)  # [N, C]
         slots = g.op("Add", [g.op("Mul", [pages, g.const(S)]), g.op("Mod", [cidx, g.const(S)])])
-        valid = g.op("Less", [g.op("Unsqueeze", [cidx, g.const([0])]), g.op("Unsqueeze", [ctx_tok, g.const([1])])])
-        self.prefix_slots = g.op("Where", [valid, slots, g.const(0)])
-        same_seq = g.op("Equal", [g.op("Unsqueeze", [tok_seq, g.const([1])]),
-                                  g.op("Unsqueeze", [tok_seq, g.const([0])])])
-        if self.is_causal:
-            key_le_query = g.op("LessOrEqual", [g.op("Unsqueeze", [tidx, g.const([0])]),
-                                                g.op("Unsqueeze", [tidx, g.const([1])])])
-            same_seq = g.op("And", [same_seq, key_le_query])
-        visible = g.op("Concat", [valid, same_seq], axis=1)  # [T, C + T]
+        prefix_ok = g.op("Less", [g.op("Unsqueeze", [cidx, g.const([0])]), g.op("Unsqueeze", [ctx, g.const([1])])])
+        self.prefix_slots = g.op("Where", [prefix_ok, slots, g.const(0)])  # [N, C]
+        num_seqs = g.op("Shape", ["context_lens"])
+        prefix_vis = g.op("Expand", [g.op("Unsqueeze", [prefix_ok, g.const([1])]),
+                                     g.op("Concat", [num_seqs, max_len, max_ctx], axis=0)])  # [N, Tmax, C]
+        new_vis = g.op("Unsqueeze", [new_ok, g.const([1])])  # [N, 1, Tmax] (key j)
+        if self.is_causal:  # key j <= query t within the sequence
+            new_vis = g.op("And", [new_vis, g.op("LessOrEqual", [row, g.op("Unsqueeze", [jr, g.const([1])])])])
+        else:
+            new_vis = g.op("Expand", [new_vis, g.op("Concat", [num_seqs, max_len, max_len], axis=0)])
+        visible = g.op("Concat", [prefix_vis, new_vis], axis=2)  # [N, Tmax, C + Tmax]
         bias = g.op("Where", [visible, g.const(0.0, np.float32), g.const(-1e30, np.float32)])
-        self.attn_bias = g.op("Unsqueeze", [bias, g.const([1, 2])])
-        self.num_prefix = g.op("Mul", [max_pages, g.const([S])])
+        bias = g.op("Expand", [g.op("Unsqueeze", [bias, g.const([2])]), g.const([1, 1, grp, 1])])
+        self.attn_bias = g.op("Reshape", [bias, g.const([0, 1, -1, 0])])  # [N, 1, Tmax * G, C + Tmax]
 
     def _attention_reference(self, q: str, k: str, v: str, kp: str, vp: str) -> str:
+        """Per sequence, as the plugin does: its prefix is gathered once per layer ([N, C, Hkv, D], not once
+        per token), scores [N, Hkv, Tmax * G, C + Tmax] by MatMul, softmax, MatMul; back to the ragged rows."""
         g, cfg = self.g, self.cfg
         hkv, grp, d = self.hkv, cfg.num_queries_per_kv, cfg.head_dim
         flat = g.const([-1, hkv, d])
-        k_prefix = g.op("Gather", [g.op("Reshape", [kp, flat]), self.prefix_slots])  # [T, C, Hkv, D]
-        v_prefix = g.op("Gather", [g.op("Reshape", [vp, flat]), self.prefix_slots])
-        qg = g.op("Reshape", [q, g.const([0, hkv, grp, d])])
-        s_prefix = g.op("Einsum", [qg, k_prefix], equation="tkgd,tckd->tkgc")
-        s_new = g.op("Einsum", [qg, k], equation="tkgd,skd->tkgs")
-        scores = g.op("Add", [g.op("Mul", [g.op("Concat", [s_prefix, s_new], axis=3),
-                                           g.const(cfg.softmax_scale, np.float32)]), self.attn_bias])
+        k_all = g.op("Concat", [g.op("Gather", [g.op("Reshape", [kp, flat]), self.prefix_slots]),
+                                g.op("Gather", [k, self.pad_gather])], axis=1)  # [N, C + Tmax, Hkv, D]
+        v_all = g.op("Concat", [g.op("Gather", [g.op("Reshape", [vp, flat]), self.prefix_slots]),
+                                g.op("Gather", [v, self.pad_gather])], axis=1)
+        q_pad = g.op("Reshape", [g.op("Gather", [g.op("Mul", [q, g.const(cfg.softmax_scale, np.float32)]),
+                                                 self.pad_gather]), g.const([0, 0, hkv, grp, d])])
+        q_rows = g.op("Reshape", [g.op("Transpose", [q_pad], perm=[0, 2, 1, 3, 4]),
+                                  g.const([0, 0, -1, d])])  # [N, Hkv, Tmax * G, D]
+        scores = g.op("Add", [g.op("MatMul", [q_rows, g.op("Transpose", [k_all], perm=[0, 2, 3, 1])]),
+                              self.attn_bias])
         probs = g.op("Softmax", [scores], axis=-1)
-        p_prefix = g.op("Slice", [probs, g.const([0]), self.num_prefix, g.const([3])])
-        p_new = g.op("Slice", [probs, self.num_prefix, g.const([np.iinfo(np.int64).max]), g.const([3])])
-        out = g.op("Add", [g.op("Einsum", [p_prefix, v_prefix], equation="tkgc,tckd->tkgd"),
-                           g.op("Einsum", [p_new, v], equation="tkgs,skd->tkgd")])
-        return g.op("Reshape", [out, g.const([0, self.hq, d])])
+        out = g.op("MatMul", [probs, g.op("Transpose", [v_all], perm=[0, 2, 1, 3])])  # [N, Hkv, Tmax * G, D]
+        out = g.op("Transpose", [g.op("Reshape", [out, g.const([0, 0, -1, grp, d])])], perm=[0, 2, 1, 3, 4])
+        return g.op("Gather", [g.op("Reshape", [out, g.const([-1, self.hq, d])]), self.unpad_index])
 
     def kv_append(self, layer: int, k: str, v: str, kp: str, vp: str) -> None:
         g = self.g

@@ -18,8 +18,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, KernelArgumentError, check, check_launch, compile_ptx, \
-    is_interpreted, next_pow2, tl, torch_dtype_of, triton
+from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, KernelArgumentError, check, check_launch, \
+    compile_ptx, is_interpreted, next_pow2, tl, torch_dtype_of, triton
+from trimode.plugins.signatures import autotune_io
 
 PLUGIN_ID = "trimode::paged_attention"
 
@@ -58,6 +59,75 @@ def paged_attention_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch
         v_prefix = v_pool.reshape(-1, *v_pool.shape[2:]).index_select(0, slots)
         out[a:b] = attend_dense(q[a:b], k_new[a:b], v_new[a:b], k_prefix, v_prefix, is_causal, scale)
     return out
+
+
+@dataclass(frozen=True)
+class PaddedLayout:
+    """The ragged batch of one ``paged_attention`` call laid out per sequence, for ``paged_attention_padded``.
+    Built once per forward (``padded_layout``) and shared by every layer: N sequences, each padded to ``max_len``
+    new tokens and ``max_context`` prefix keys."""
+
+    num_seqs: int
+    max_len: int  # Tmax: the longest run of new tokens
+    max_context: int  # C: the longest committed prefix
+    prefix_slots: torch.Tensor  # [N * C] int64: flat pool rows of each sequence's prefix (0 past its length)
+    pad_gather: Optional[torch.Tensor]  # [N * Tmax] int64: token of each padded row (None: identity)
+    unpad_index: Optional[torch.Tensor]  # [T] int64: padded row of each token (None: identity)
+    mask: torch.Tensor  # [N, 1, Tmax, C + Tmax] bool: key visible to query
+
+
+def padded_layout(block_tables: torch.Tensor, context_lens: List[int], query_lens: List[int], page_size: int,
+                  is_causal: bool) -> PaddedLayout:
+    """The ``PaddedLayout`` of sequences with committed prefixes ``context_lens`` and ``query_lens`` new tokens
+    (host ints), whose pages are ``block_tables`` [N, max_pages] (int32, on the pool's device)."""
+    device = block_tables.device
+    num_seqs, max_len, max_context = len(query_lens), max(query_lens), max(context_lens)
+    ctx = torch.tensor(context_lens, device=device)
+    pos = torch.arange(max_context, device=device)
+    pages = block_tables.long()[:, pos // page_size] if max_context else pos.new_zeros(num_seqs, 0)
+    prefix_ok = pos[None, :] < ctx[:, None]  # [N, C]
+    prefix_slots = torch.where(prefix_ok, pages * page_size + pos % page_size, 0).reshape(-1)
+    lens = torch.tensor(query_lens, device=device)
+    j = torch.arange(max_len, device=device)
+    new_ok = (j[None, :] < lens[:, None])[:, None, :]  # [N, 1, Tmax] (key j)
+    if is_causal:
+        new_ok = new_ok & (j[None, :] <= j[:, None])[None]  # key j <= query t
+    mask = torch.cat([prefix_ok[:, None, :].expand(-1, max_len, -1), new_ok.expand(-1, max_len, -1)], 2)[:, None]
+    pad_gather = unpad_index = None
+    if num_seqs > 1 and min(query_lens) != max_len:
+        starts = lens.cumsum(0) - lens
+        num_tokens = sum(query_lens)
+        pad_gather = (starts[:, None] + j[None, :]).clamp(max=num_tokens - 1).reshape(-1)
+        seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), lens)
+        unpad_index = seq * max_len + torch.arange(num_tokens, device=device) - starts[seq]
+    return PaddedLayout(num_seqs, max_len, max_context, prefix_slots, pad_gather, unpad_index, mask)
+
+
+def paged_attention_padded(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor,
+                           v_pool: torch.Tensor, layout: PaddedLayout, scale: float) -> torch.Tensor:
+    """``paged_attention_reference``'s result (up to float rounding) in a handful of batched torch ops, for the
+    CPU executor: each sequence's prefix is gathered once ([N, C, Hkv, D]), the new tokens padded per sequence,
+    one masked SDPA over the batch (fp32), and the rows put back in ragged order. Same shapes as the reference;
+    the pattern and the sizes come from ``layout`` (``padded_layout``). The ONNX reference form
+    (build/onnx_graph.py) computes attention the same way."""
+    n, t, c = layout.num_seqs, layout.max_len, layout.max_context
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_new.shape[1]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [N, Tmax, H, D]
+        x = x if layout.pad_gather is None else x.index_select(0, layout.pad_gather)
+        return x.reshape(n, t, x.shape[1], head_dim)
+
+    def keys(pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # [N, Hkv, C + Tmax, D] fp32
+        prefix = pool.reshape(-1, num_kv_heads, head_dim).index_select(0, layout.prefix_slots)
+        both = torch.cat([prefix.reshape(n, c, num_kv_heads, head_dim).float(), padded(new).float()], 1)
+        return both.transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(padded(q).float().transpose(1, 2), keys(k_pool, k_new),
+                                         keys(v_pool, v_new), attn_mask=layout.mask, scale=scale, enable_gqa=True)
+    out = out.transpose(1, 2).reshape(n * t, num_q_heads, head_dim)
+    out = out if layout.unpad_index is None else out.index_select(0, layout.unpad_index)
+    return out.to(q.dtype)
 
 
 # ---- Triton kernels ----------------------------------------------------------------------------------------
@@ -388,8 +458,6 @@ def register_tensorrt_plugin() -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    floats = "FP32|FP16|BF16"
-
     @trtp.register(PLUGIN_ID)
     def _desc(q: trtp.TensorDesc, k_new: trtp.TensorDesc, v_new: trtp.TensorDesc, k_pool: trtp.TensorDesc,
               v_pool: trtp.TensorDesc, block_tables: trtp.TensorDesc, context_lens: trtp.TensorDesc,
@@ -400,8 +468,7 @@ def register_tensorrt_plugin() -> None:
     def _autotune(q: trtp.TensorDesc, k_new: trtp.TensorDesc, v_new: trtp.TensorDesc, k_pool: trtp.TensorDesc,
                   v_pool: trtp.TensorDesc, block_tables: trtp.TensorDesc, context_lens: trtp.TensorDesc,
                   query_start: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        io = ", ".join([floats] * 5 + ["INT32"] * 3 + [floats])
-        return [trtp.AutoTuneCombination(io, "LINEAR", list(TACTICS))]
+        return [trtp.AutoTuneCombination(autotune_io("paged_attention"), "LINEAR", list(TACTICS))]
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(q: trtp.TensorDesc, k_new: trtp.TensorDesc, v_new: trtp.TensorDesc, k_pool: trtp.TensorDesc,
@@ -423,5 +490,6 @@ def register_tensorrt_plugin() -> None:
         return name.encode(), ptx.encode(), launch, trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extra])
 
 
-__all__ = ["paged_attention_reference", "paged_attention_triton", "attend_dense", "AttentionConfig",
+__all__ = ["paged_attention_reference", "paged_attention_triton", "attend_dense", "AttentionConfig", "PaddedLayout",
+           "padded_layout", "paged_attention_padded",
            "choose_config", "register_tensorrt_plugin", "aot_compile"]

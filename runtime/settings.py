@@ -1,16 +1,19 @@
-"""Runtime settings: the one home of the KV-cache geometry, the batch limit, the executor, the kernels and the
-weights dtype, with their defaults. ``TriModeLM``, the assembly functions, the ``trimode`` CLI options and the
-Triton model's ``config.pbtxt`` parameters all read them from here (``add_arguments``, ``TRITON_PARAMETERS``).
+"""Runtime settings: the one home of the KV-cache geometry, the batch limit, the executor, the kernels, the
+weights dtype and the CPU threads, with their defaults. ``TriModeLM``, the assembly functions, the ``trimode`` CLI
+options and the Triton model's ``config.pbtxt`` parameters all read them from here (``add_arguments``,
+``TRITON_PARAMETERS``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 KERNELS = ("auto", "reference", "triton")  # trimode.plugins.dispatch.BACKENDS
+THREADS_ENV = "TRIMODE_THREADS"
 
 
 class SettingsError(ValueError):
@@ -25,7 +28,8 @@ class RuntimeSettings:
     sequences in the running batch (the rest wait); ``executor`` a registered executor name
     (runtime.executors.base); ``kernels`` the op backend of the torch executor ("" = the TRIMODE_KERNELS
     environment variable, else "auto"); ``dtype`` the weights' dtype ("" = the checkpoint's on GPU, float32
-    on CPU).
+    on CPU); ``threads`` the CPU threads of the forward pass (0 = ``resolve_threads``' default; see
+    ``ThreadPlan`` for how torch's and onnxruntime's pools share them).
     """
 
     num_pages: int = field(default=512, metadata={"help": "KV pages in the one page pool"})
@@ -39,6 +43,11 @@ class RuntimeSettings:
                 "auto)", "choices": ("",) + KERNELS, "triton": None})  # not a Triton parameter (yet)
     dtype: str = field(default="", metadata={"help": "weights dtype (default: the checkpoint's)",
                                              "choices": ("",) + DTYPES})
+    threads: int = field(default=0, metadata={
+        "help": "CPU threads of the forward pass: torch's pool for the torch executor; onnxruntime's for the "
+                "onnxruntime executor, torch then keeping 1 for the work between passes (default 0: "
+                f"${THREADS_ENV}, else one per 64 MiB of weights up to torch's default for this machine)",
+        "minimum": 0})
 
     def __post_init__(self) -> None:
         for name in ("num_pages", "page_size", "max_batch_size"):
@@ -49,6 +58,8 @@ class RuntimeSettings:
             raise SettingsError(f"kernels must be one of {KERNELS} (or '' for the default), got {self.kernels!r}")
         if self.dtype not in ("",) + DTYPES:
             raise SettingsError(f"dtype must be one of {DTYPES} (or '' for the checkpoint's), got {self.dtype!r}")
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
+            raise SettingsError(f"threads must be an integer >= 0 (0: the machine's default), got {self.threads!r}")
         if not isinstance(self.executor, str) or not self.executor:
             raise SettingsError(f"executor must be an executor name, got {self.executor!r}")
 
@@ -62,24 +73,94 @@ class RuntimeSettings:
 
     @property
     def executor_kwargs(self) -> dict[str, Any]:
-        """Extra keyword arguments of the torch executor (its kernel backend, when one is forced)."""
-        return {"kernels": self.kernels} if self.kernels and self.executor == "torch" else {}
+        """Extra keyword arguments of the executor: the torch executor's kernel backend (when one is forced) and
+        the threads of the torch and onnxruntime executors (when set)."""
+        out: dict[str, Any] = {"kernels": self.kernels} if self.kernels and self.executor == "torch" else {}
+        if self.threads and self.executor in THREADED_EXECUTORS:
+            out["threads"] = self.threads
+        return out
+
+
+THREADED_EXECUTORS = ("torch", "onnxruntime")  # executors taking ``threads=``
+_MACHINE_THREADS: list[int] = []
+
+
+def machine_threads() -> int:
+    """Torch's intra-op thread count as this process first saw it: the physical cores it may use, or
+    OMP_NUM_THREADS, or what a tensor-parallel launch gave each rank (runtime.parallel.comm). Read once, so
+    that a later ``ThreadPlan.apply`` does not change the default."""
+    if not _MACHINE_THREADS:
+        import torch
+
+        _MACHINE_THREADS.append(max(1, torch.get_num_threads()))
+    return _MACHINE_THREADS[0]
+
+
+# Default threads: one per this many bytes of weights, up to machine_threads(). An intra-op pool synchronises its
+# threads on every op (microseconds each), which costs more than it saves on small matmuls: the 3 M-parameter
+# tiny model (12 MiB in fp32) runs its batch-1 passes fastest on one thread (docs/performance.md, "Thread pools").
+BYTES_PER_THREAD = 64 << 20
+
+
+def resolve_threads(threads: int | None = 0, weight_bytes: int | None = None) -> int:
+    """The thread count a runtime uses: ``threads`` if > 0, else the ``TRIMODE_THREADS`` environment variable,
+    else ``machine_threads()``, or, given the model's ``weight_bytes``, one thread per ``BYTES_PER_THREAD``
+    within it (at least 1). Raises ``SettingsError`` for a negative count or a malformed variable."""
+    if threads is not None and threads < 0:
+        raise SettingsError(f"threads must be an integer >= 0 (0: the machine's default), got {threads!r}")
+    if threads:
+        return threads
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise SettingsError(f"{THREADS_ENV} must be an integer >= 1, got {env!r}")
+        return int(env)
+    if weight_bytes is None:
+        return machine_threads()
+    return max(1, min(machine_threads(), -(-weight_bytes // BYTES_PER_THREAD)))
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """Who gets the CPU threads: ``torch_threads`` for torch's intra-op (OpenMP) pool, ``executor_threads`` for
+    the executor's own pool (0: it has none). Two busy pools on the same cores slow each other down (an
+    OpenMP worker spinning after the host's block-sized work takes a core from onnxruntime's pool), so only the
+    pool that runs the forward gets ``threads``: the torch executor's forward is torch's, and an executor with
+    its own pool (onnxruntime) leaves torch one thread for the work between passes (sampling, acceptance,
+    unmasking on a few rows of logits)."""
+
+    torch_threads: int
+    executor_threads: int
+
+    @classmethod
+    def for_executor(cls, executor: str, threads: int | None = 0, weight_bytes: int | None = None) -> "ThreadPlan":
+        """The plan of ``executor`` for ``threads`` (0 / None: ``resolve_threads(0, weight_bytes)``)."""
+        n = resolve_threads(threads, weight_bytes)
+        return cls(1, n) if executor == "onnxruntime" else cls(n, 0)
+
+    def apply(self) -> None:
+        """Set torch's intra-op pool (process-wide; the last executor made in a process decides)."""
+        import torch
+
+        machine_threads()  # the default is read before it is first changed
+        if torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
 
 
 DEFAULTS = RuntimeSettings()
 # the settings `trimode generate` takes as options (its --executor is its own: it picks how an engine runs)
-GENERATE_OPTIONS = ("num_pages", "page_size", "max_batch_size", "kernels", "dtype")
+GENERATE_OPTIONS = ("num_pages", "page_size", "max_batch_size", "kernels", "dtype", "threads")
 
 
-def positive_int(option: str):
-    """An argparse ``type`` accepting integers >= 1; the error names ``option``."""
+def positive_int(option: str, minimum: int = 1):
+    """An argparse ``type`` accepting integers >= ``minimum``; the error names ``option``."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{option} must be an integer >= 1, got {text!r}")
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {text!r}")
         return value
     return parse
 
@@ -90,15 +171,15 @@ def _option(f) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] | None = None) -> None:
     """Add ``--num-pages``, ``--page-size``, ``--max-concurrent-requests`` (max_batch_size), ``--executor``,
-    ``--kernels``, ``--dtype`` (or only ``names``, in that order) with the defaults above; read them back with
-    ``from_args``."""
+    ``--kernels``, ``--dtype``, ``--threads`` (or only ``names``, in that order) with the defaults above; read them
+    back with ``from_args``."""
     by_name = {f.name: f for f in fields(RuntimeSettings)}
     for f in (by_name[name] for name in (by_name if names is None else names)):
         text = f.metadata["help"]
         kw: dict[str, Any] = {"dest": f.name, "default": f.default,
                               "help": text if "default" in text else f"{text} (default {f.default})"}
         if f.type in ("int", int):
-            kw["type"] = positive_int(_option(f))
+            kw["type"] = positive_int(_option(f), f.metadata.get("minimum", 1))
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         else:

@@ -8,6 +8,11 @@ Modes: AR; diffusion at tau in {0.7, 0.9}; spec with and without the LoRA drafte
 batch 1 and 4. For each: tokens per forward, mean accepted length per verify, tokens/s, speed-up over AR
 measured in the same run (same set, same batch), and the distinct-4-gram ratio of the output.
 Writes results.json and a PNG plot into --out; the last stdout line is the JSON summary.
+
+--thread-plans compares, for the onnxruntime executor at block 16, who gets the CPU threads
+(runtime.settings.ThreadPlan): both libraries' defaults (torch's and onnxruntime's pools at the machine's thread
+count, onnxruntime's threads spinning between runs: what happens when nothing coordinates them), the plan at
+the machine's thread count, and the runtime's default plan.
 """
 
 from __future__ import annotations
@@ -85,18 +90,63 @@ def run_one(lm, prompts: list[str], mode, batch: int, max_new_tokens: int, repea
             "sample": results[0].text}
 
 
-def open_runtime(args: argparse.Namespace, executor: str):
+def engine_dir_for(args: argparse.Namespace) -> Path:
+    """The ONNX stage of the build (returns at once when the directory is up to date, rebuilds it when the model
+    or the settings changed)."""
     from trimode.build.pipeline import BuildOptions, build
-    from trimode.runtime.api import TriModeLM
 
-    if executor == "torch":
-        return TriModeLM.from_pretrained(args.model)
-    # the ONNX stage of the build (returns at once when the directory is up to date, rebuilds it when the
-    # model or the settings changed)
     engine_dir = Path(args.engine_dir or ROOT / "engines" / f"bench-b{max(args.blocks)}")
     build(BuildOptions(model=Path(args.model), out=engine_dir, block_length=max(args.blocks), max_seq=1024,
                        overwrite=True), log=lambda msg: None)
-    return TriModeLM.from_engine(engine_dir, executor="onnxruntime")
+    return engine_dir
+
+
+def open_runtime(args: argparse.Namespace, executor: str, threads: int | None = None, **executor_kwargs):
+    from trimode.runtime.api import TriModeLM
+    from trimode.runtime.settings import RuntimeSettings
+
+    settings = RuntimeSettings(threads=args.threads if threads is None else threads)
+    if executor == "torch":
+        return TriModeLM.from_pretrained(args.model, settings=settings)
+    return TriModeLM.from_engine(engine_dir_for(args), executor="onnxruntime", settings=settings,
+                                 prepack=args.prepack, **executor_kwargs)
+
+
+def thread_plans(args: argparse.Namespace, sets: dict[str, list[str]]) -> list[dict]:
+    """AR, diffusion (tau 0.9) and spec (LoRA) at block 16 under three thread plans of the onnxruntime executor,
+    interleaved over ``args.repeats`` rounds (best time kept), in one process."""
+    import torch
+
+    from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
+    from trimode.runtime.settings import machine_threads
+
+    machine = machine_threads()
+    plans = {f"library defaults (torch {machine}, onnxruntime {machine}, spinning)": dict(threads=machine, spin=True),
+             f"ThreadPlan, {machine} threads (torch 1, onnxruntime {machine})": dict(threads=machine),
+             "ThreadPlan, runtime default": dict(threads=0)}
+    modes = {"ar": ARConfig(), "diffusion tau=0.9": DiffusionConfig(16, threshold=0.9),
+             "spec lora": SpecConfig(16, use_lora=True)}
+    prompts = sets["free"][:args.num_prompts]
+    best: dict[tuple[str, str, int], float] = {}
+    tokens: dict[tuple[str, str, int], int] = {}
+    runtimes = {name: open_runtime(args, "onnxruntime", **kw) for name, kw in plans.items()}
+    for _ in range(args.repeats):
+        for name, lm in runtimes.items():
+            # the last executor made set torch's pool: each plan sets it again before its runs
+            torch.set_num_threads(machine if plans[name].get("spin") else lm.executor.plan.torch_threads)
+            for mode_name, mode in modes.items():
+                for batch in args.batches:
+                    m = run_one(lm, prompts, mode, batch, args.max_new_tokens, 1)
+                    key = (name, mode_name, batch)
+                    best[key] = min(best.get(key, float("inf")), m["wall_s"])
+                    tokens[key] = m["num_tokens"]
+    rows = []
+    for (name, mode_name, batch), wall in best.items():
+        ar = tokens[(name, "ar", batch)] / best[(name, "ar", batch)]
+        tps = tokens[(name, mode_name, batch)] / wall
+        rows.append({"plan": name, "mode": mode_name, "batch": batch, "tokens_per_s": tps, "vs_ar": tps / ar})
+        print(f"{name:58s} {mode_name:18s} b={batch} tok/s {tps:7.1f}  x{tps / ar:4.2f} AR", flush=True)
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -138,14 +188,25 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="the runtime's CPU threads (runtime.settings; default 0: the runtime's default)")
+    ap.add_argument("--prepack", action="store_true",
+                    help="onnxruntime: each graph's session prepacks its own copy of the weights")
+    ap.add_argument("--thread-plans", action="store_true",
+                    help="only compare thread plans of the onnxruntime executor (block 16; see above)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
     args = ap.parse_args()
 
     import torch
 
-    torch.set_num_threads(args.threads)
     sets = prompt_sets(args.num_prompts, args.prompt_verses, args.seed)
+    if args.thread_plans:
+        rows = thread_plans(args, sets)
+        print(json.dumps({"command": " ".join(["scripts/bench.py", *sys.argv[1:]]),
+                          "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                          "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                                   for r in rows]}))
+        return 0
     rows = []
     for executor in args.executor:
         lm = open_runtime(args, executor)
@@ -168,7 +229,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": Path(args.model).name, "executors": args.executor, "machine": platform.processor() or
-            platform.machine(), "threads": args.threads, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            platform.machine(), "threads": args.threads, "prepack": args.prepack,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "command": " ".join(["scripts/bench.py", *sys.argv[1:]]), "max_new_tokens": args.max_new_tokens,
             "repeats": args.repeats,
             "num_prompts": {k: len(v) for k, v in sets.items()}}

@@ -1,9 +1,10 @@
 """The ``trimode`` command line.
 
     trimode generate --model DIR --mode {ar,diffusion,spec} [options] PROMPT
-    trimode generate --engine DIR [--executor onnxruntime|torch] ...   (an engine directory)
+    trimode generate --engine DIR [--executor auto|tensorrt|onnxruntime|torch] ...   (an engine directory)
     trimode triton-repo --model DIR --out REPO      (runtime/cli/serve.py)
     trimode serve --repo REPO | --model DIR         (runtime/cli/serve.py)
+    trimode profile --model DIR | --engine DIR      (runtime/cli/profile.py: pass costs, JSON + PNG)
 
 Streams the text as tokens are accepted, then prints the counters (forwards by kind, tokens per forward,
 accepted lengths, tokens/s). Bad arguments exit with status 2 and a message naming the argument.
@@ -16,8 +17,11 @@ import json
 import sys
 import time
 
+from trimode.plugins import tensorrt_libs
 from trimode.runtime import settings
 from trimode.runtime.api import TriModeLM
+from trimode.runtime.assembly import engine_executor
+from trimode.runtime.cli.profile import add_subparsers as add_profile
 from trimode.runtime.cli.serve import add_subparsers as add_serving
 from trimode.runtime.cli.tensor_parallel import add_tp_arguments, generate_tensor_parallel
 from trimode.runtime.executors.engine_dir import EngineDirError
@@ -74,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
     src.add_argument("--engine", help="engine directory (scripts/build_engine.py --out); its manifest is checked first")
-    g.add_argument("--executor", choices=["onnxruntime", "torch"], default="onnxruntime",
-                   help="with --engine: the reference graphs (onnxruntime) or the engine's checkpoint (torch)")
+    g.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
+                   help="with --engine: the TensorRT plans (tensorrt, CUDA GPU), the reference graphs "
+                        "(onnxruntime) or the engine's checkpoint (torch); auto: tensorrt where its plans can run "
+                        "here, else onnxruntime")
     g.add_argument("--mode", choices=MODES, default="spec", help="decoding mode (default: spec)")
     g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
     g.add_argument("--block-length", type=_positive_int("--block-length"), default=None,
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
     add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
     add_serving(sub)  # triton-repo, serve
+    add_profile(sub)  # profile (runtime/cli/profile.py)
     return parser
 
 
@@ -109,8 +116,14 @@ def _mode_config(args: argparse.Namespace, block_size: int) -> ModeConfig:
 def generate(args: argparse.Namespace, lm=None) -> int:
     """Generate from args.prompt with ``lm`` (loaded from args.model if None; rank 0's shard under --tp)."""
     if lm is None and args.engine:
+        executor = args.executor
         try:
-            lm = TriModeLM.from_engine(args.engine, executor=args.executor,
+            if executor in ("auto", "tensorrt") and engine_executor(args.engine) == "tensorrt":
+                tensorrt_libs.reexec_with_loader_path()  # TensorRT-RTX plugin engines need libtensorrt_rtx.so
+                executor = "tensorrt"
+            elif executor == "auto":
+                executor = "onnxruntime"
+            lm = TriModeLM.from_engine(args.engine, executor=executor,
                                        settings=settings.from_args(args, settings.GENERATE_OPTIONS))
         except (EngineDirError, CheckpointError) as e:
             print(f"trimode: error: --engine: {e}", file=sys.stderr)

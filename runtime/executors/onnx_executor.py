@@ -1,12 +1,18 @@
-"""The onnxruntime executor: an engine directory's reference-form graphs on CPU, one session per engine kind.
+"""The onnxruntime executor: an engine directory's reference-form graphs on CPU, one session per distinct graph.
 
 Every session reads and writes the runtime's one ``PagedKVCache``: layer l's pool slices ``k_pool[l]`` /
 ``v_pool[l]`` are bound by address (I/O binding) as the graph's ``k_pool.{l}`` inputs and, for kinds that keep
 K/V, as its ``k_pool_out.{l}`` outputs too, so the graphs' ScatterND writes land in place; the pool is never
 copied. The weights are read once (memory-mapped from ``onnx/weights.bin``) and handed to every session as
 shared initializers (``SessionOptions.add_initializer``), so they are resident once whatever the number of
-kinds loaded. A forward whose passes need several kinds (e.g. AR decode and a draft in one batch) runs one
-session per kind; passes of one sequence never span two kinds, so the order does not matter.
+kinds loaded. Kinds computing the same graph (prefill, decode, verify) share one session. A forward whose passes
+need several graphs (e.g. AR decode and a draft in one batch) runs one session per graph; passes of one sequence
+never span two, so the order does not matter.
+
+Threads: onnxruntime's intra-op pool runs the forward with ``threads`` (runtime.settings.ThreadPlan), torch
+keeps one thread for the host work between passes, and the pool's threads do not spin between runs
+(``session.intra_op.allow_spinning`` 0), so neither pool takes the other's cores. The pools and the outputs are
+bound once per session; a forward binds only its feeds, built from host-side lists.
 
 Tensor parallelism (an engine built with ``--tp N``): each rank runs its own graph set
 (``onnx/rank<r>/``) on its share of the KV heads; the graphs' all-reduces are contrib ops that call this
@@ -16,8 +22,9 @@ rank 0 after the forward. Every rank runs the same passes in the same order, so 
 
 from __future__ import annotations
 
-import os
+import threading
 from collections import defaultdict
+from itertools import accumulate
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,22 +33,25 @@ import torch
 
 from trimode.runtime.executors.base import Executor, register_executor
 from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir, graph_dir, tensor_parallel_size
-from trimode.runtime.executors.engine_kinds import PASS_TO_KIND  # which engine kind serves each pass kind
+from trimode.runtime.executors.engine_kinds import ENGINE_KINDS, PASS_TO_KIND  # PASS_TO_KIND: pass -> engine kind
 from trimode.runtime.executors.ort_ops import register_ort_contrib_ops, register_tp_comm
 from trimode.runtime.kv_cache import PagedKVCache
 from trimode.runtime.passes import SeqPass
+from trimode.runtime.settings import ThreadPlan
 
 # a kind this engine directory lacks can be served by one computing the same graph with other shape ranges
 SAME_GRAPH = {"prefill": ("verify", "decode"), "decode": ("verify", "prefill"), "verify": ("prefill", "decode")}
 
 
-def run_by_engine_kind(passes: Sequence[SeqPass],
-                       run: Callable[[str, list[SeqPass]], torch.Tensor]) -> list[torch.Tensor]:
-    """Group the passes by the engine kind that serves them, ``run`` each group once (-> logits rows of its
-    passes, in order), and return each pass's logits in the order of ``passes``."""
+def run_by_engine_kind(passes: Sequence[SeqPass], run: Callable[[str, list[SeqPass]], torch.Tensor],
+                       same: Callable[[str], str] | None = None) -> list[torch.Tensor]:
+    """Group the passes by the engine kind that serves them (``same(kind)``: the kind whose graph runs it, when
+    several share one), ``run`` each group once (-> logits rows of its passes, in order), and return each
+    pass's logits in the order of ``passes``."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(passes):
-        groups[PASS_TO_KIND[p.kind]].append(i)
+        kind = PASS_TO_KIND[p.kind]
+        groups[same(kind) if same else kind].append(i)
     out: list[torch.Tensor] = [torch.empty(0)] * len(passes)
     for kind, idx in groups.items():
         batch = [passes[i] for i in idx]
@@ -53,22 +63,23 @@ def run_by_engine_kind(passes: Sequence[SeqPass],
 def graph_feeds(passes: Sequence[SeqPass], cache: PagedKVCache, keeps_kv: bool, has_lora: bool
                 ) -> dict[str, np.ndarray]:
     """The graph inputs (all but the pools) for ``passes`` in this order (docs: build/onnx_graph.py)."""
-    ids = np.array([t for p in passes for t in p.token_ids], dtype=np.int64)
-    positions = np.concatenate([np.arange(p.start_pos, p.end_pos, dtype=np.int64) for p in passes])
-    lens = [p.num_tokens for p in passes]
-    ends = np.cumsum(lens)
+    tables = [cache.block_table(p.seq_id) for p in passes]
+    width = max([len(t) for t in tables] + [1])
+    ends = list(accumulate(p.num_tokens for p in passes))
     feeds = {
-        "input_ids": ids, "positions": positions,
-        "block_tables": cache.block_table_tensor([p.seq_id for p in passes]).cpu().numpy(),
+        "input_ids": np.array([t for p in passes for t in p.token_ids], dtype=np.int64),
+        "positions": np.array([i for p in passes for i in range(p.start_pos, p.end_pos)], dtype=np.int64),
+        "block_tables": np.array([t + [-1] * (width - len(t)) for t in tables], dtype=np.int32),
         "context_lens": np.array([p.start_pos for p in passes], dtype=np.int32),
-        "query_start": np.concatenate([[0], ends]).astype(np.int32),
-        "logits_index": np.concatenate([np.arange(e - p.num_logits, e) for p, e in zip(passes, ends)]).astype(np.int64),
+        "query_start": np.array([0, *ends], dtype=np.int32),
+        "logits_index": np.array([i for p, e in zip(passes, ends) for i in range(e - p.num_logits, e)], dtype=np.int64),
     }
     if has_lora:
-        feeds["lora_mask"] = np.concatenate([np.full(p.num_tokens, float(p.use_lora), np.float32) for p in passes])
+        feeds["lora_mask"] = np.array([float(p.use_lora) for p in passes for _ in range(p.num_tokens)], np.float32)
     if keeps_kv:
-        feeds["slot_mapping"] = torch.cat([cache.slots(p.seq_id, p.start_pos, p.num_tokens, torch.device("cpu"))
-                                           for p in passes]).numpy().astype(np.int64)
+        size = cache.page_size
+        feeds["slot_mapping"] = np.array([t[i // size] * size + i % size for p, t in zip(passes, tables)
+                                          for i in range(p.start_pos, p.end_pos)], dtype=np.int64)
     return feeds
 
 
@@ -118,24 +129,25 @@ class SharedInitializers:
 
 
 _ENV_ALLOCATOR = False
+_CREATE_LOCK = threading.Lock()
 
 
 def _shared_arena() -> None:
     """One CPU arena for every session of the process (sessions run one after another, so their activations
     can share it) instead of one arena per session."""
     global _ENV_ALLOCATOR
-    if _ENV_ALLOCATOR:
-        return
     import onnxruntime as ort
 
-    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-    _ENV_ALLOCATOR = True
+    with _CREATE_LOCK:
+        if not _ENV_ALLOCATOR:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+            _ENV_ALLOCATOR = True
 
 
 class _KindSession:
-    def __init__(self, kind: str, path: Path, shared: SharedInitializers, threads: int | None,
-                 collectives: bool = False) -> None:
+    def __init__(self, kind: str, path: Path, shared: SharedInitializers, threads: int,
+                 collectives: bool = False, prepack: bool = False, spin: bool = False) -> None:
         import onnxruntime as ort
 
         _shared_arena()
@@ -144,16 +156,23 @@ class _KindSession:
             from onnxruntime_extensions import get_library_path
 
             register_ort_contrib_ops()
-            so.register_custom_ops_library(get_library_path())
+            with _CREATE_LOCK:
+                so.register_custom_ops_library(get_library_path())
         so.add_session_config_entry("session.use_env_allocators", "1")
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # fp32 math for int4 weights
-        so.add_session_config_entry("session.disable_prepacking", "1")  # prepacked copies would be per session
-        if threads:
-            so.intra_op_num_threads = threads
+        # prepacked weights are copies per session; without them MatMul packs the weights on every run of more
+        # than one token (measured on the tiny model: a 16-token pass 1.4x slower, a 1-token pass unchanged)
+        so.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1  # sequential execution: the inter-op pool would only add idle threads
+        # the pool's threads sleep between runs unless ``spin`` (onnxruntime's default): spinning saves a wake-up
+        # per run on an idle machine and takes the cores from the host work in between (runtime.settings.ThreadPlan)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         for name, value in shared.for_graph(path).items():
             so.add_initializer(name, value)
         self.kind = kind
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        with _CREATE_LOCK:  # sessions are made one at a time (thread ranks: two at once crashed onnxruntime)
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         names = {i.name for i in self.session.get_inputs()}
         self.keeps_kv = "slot_mapping" in names
         self.has_lora = "lora_mask" in names
@@ -165,7 +184,16 @@ class OnnxRuntimeExecutor(Executor):
     """Runs passes through the reference-form graphs of an engine directory (see the module docstring)."""
 
     def __init__(self, engine_dir: str | Path, cache: PagedKVCache, model=None, kinds: Sequence[str] | None = None,
-                 threads: int | None = None, check: bool = True, comm=None) -> None:
+                 threads: int | None = None, check: bool = True, comm=None, prepack: bool = False,
+                 spin: bool = False) -> None:
+        """Sessions for ``kinds`` (default: every kind the engine directory has) over ``cache``; kinds computing
+        the same graph (prefill, decode, verify: runtime.executors.engine_kinds) share one session. ``threads``
+        (0 / None: runtime.settings.resolve_threads for the size of the weights files) is onnxruntime's intra-op
+        pool; torch is set to one thread (process-wide). ``prepack`` lets each session keep a prepacked copy of the
+        weights (faster passes of more than one token; the weights are then resident once per distinct graph plus
+        once shared); ``spin`` keeps the pool's threads spinning between runs (onnxruntime's default; off here,
+        see ThreadPlan).
+        ``check=False`` skips the manifest's hash check (the assembly has checked it)."""
         self.engine_dir = Path(engine_dir)
         self.manifest = check_engine_dir(self.engine_dir, page_size=cache.page_size) if check else None
         manifest = self.manifest or check_engine_dir(self.engine_dir, verify_hashes=False)
@@ -178,15 +206,27 @@ class OnnxRuntimeExecutor(Executor):
             raise ValueError(f"the onnxruntime executor needs a contiguous float32 CPU KV pool, got "
                              f"{cache.k_pool.dtype} on {cache.k_pool.device}")
         self.cache = cache
-        threads = threads or int(os.environ.get("TRIMODE_ORT_THREADS", "0")) or None
         available = manifest["engine_kinds"]
         wanted = list(kinds) if kinds is not None else list(available)
         onnx_dir = self.engine_dir / graph_dir(manifest, comm.rank if self.comm else 0)
         if self.comm is not None:
             register_tp_comm(self.comm)
         self.shared = SharedInitializers(onnx_dir)
-        self.sessions = {k: _KindSession(k, onnx_dir / available[k]["reference"], self.shared, threads,
-                                         collectives=self.comm is not None) for k in wanted}
+        weight_bytes = sum(f.stat().st_size for f in onnx_dir.glob("*.bin"))
+        self.plan = ThreadPlan.for_executor("onnxruntime", threads, weight_bytes)
+        self.threads = self.plan.executor_threads
+        self.plan.apply()
+        self.prepack = prepack
+        self.sessions: dict[str, _KindSession] = {}
+        by_graph: dict[tuple[bool, bool, bool], _KindSession] = {}
+        for k in wanted:
+            spec = ENGINE_KINDS[k]
+            graph = (spec.is_causal, spec.keeps_kv, spec.has_lora)  # what build/onnx_graph.py builds from
+            if graph not in by_graph:
+                by_graph[graph] = _KindSession(k, onnx_dir / available[k]["reference"], self.shared, self.threads,
+                                               collectives=self.comm is not None, prepack=prepack, spin=spin)
+                self._bind_pools(by_graph[graph])
+            self.sessions[k] = by_graph[graph]
 
     def _session_for(self, kind: str) -> _KindSession:
         if kind in self.sessions:
@@ -199,6 +239,7 @@ class OnnxRuntimeExecutor(Executor):
 
     def _bind_pools(self, s: _KindSession) -> None:
         pool_shape = list(self.cache.k_pool.shape[1:])
+        s.binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
         for layer in range(self.cache.k_pool.shape[0]):
             for which, pool in (("k", self.cache.k_pool), ("v", self.cache.v_pool)):
                 ptr = pool[layer].data_ptr()  # a slice of the one pool: no copy
@@ -208,7 +249,7 @@ class OnnxRuntimeExecutor(Executor):
 
     @torch.no_grad()
     def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]:
-        out = run_by_engine_kind(passes, self._run_kind)
+        out = run_by_engine_kind(passes, self._run_kind, lambda kind: self._session_for(kind).kind)
         if self.comm is None:
             return out
         # each rank holds a vocabulary slice: rank 0 gets the full rows (the others keep their slice)
@@ -216,13 +257,10 @@ class OnnxRuntimeExecutor(Executor):
         return list(full.split([p.num_logits for p in passes]))
 
     def _run_kind(self, kind: str, batch: list[SeqPass]) -> torch.Tensor:
-        s = self._session_for(kind)
-        s.binding.clear_binding_inputs()
-        s.binding.clear_binding_outputs()
+        s = self._session_for(kind)  # pools and outputs are bound (__init__); a run rebinds only its feeds
         for name, value in graph_feeds(batch, self.cache, s.keeps_kv, s.has_lora).items():
             s.binding.bind_cpu_input(name, value)
-        s.binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
-        self._bind_pools(s)
+        s.binding.bind_output("logits", "cpu")  # unallocated again: its shape changes from run to run
         s.session.run_with_iobinding(s.binding)
         return torch.from_numpy(s.binding.get_outputs()[0].numpy())
 

@@ -9,6 +9,8 @@ handed to TensorRT on CPU (docs/kernels.md). Slow (one Python call per node), ex
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
@@ -38,10 +40,16 @@ def _reference_all_reduce(x: np.ndarray, rank: int, world_size: int) -> np.ndarr
 
 
 _ORT_REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
 
 
 def register_ort_contrib_ops() -> None:
     """Python implementations of the plugin ops for onnxruntime-extensions (the plugins' torch references)."""
+    with _REGISTER_LOCK:  # two threads registering at once (thread ranks) leave onnxruntime a freed kernel
+        _register_ort_contrib_ops()
+
+
+def _register_ort_contrib_ops() -> None:
     global _ORT_REGISTERED
     if _ORT_REGISTERED:
         return

@@ -90,3 +90,19 @@ def test_weights_are_shared_initializers_over_one_file(engine):
         assert lo <= value.data_ptr() < hi
     options = next(iter(ex.sessions.values())).session.get_session_options()
     assert options.get_session_config_entry("session.disable_prepacking") == "1"
+
+
+def test_prepacked_sessions_one_per_graph_same_tokens(engine):
+    """prefill, decode and verify compute one graph: one session serves them; with prepacked weights (each
+    session's own packed copy) and two intra-op threads the greedy tokens are still the torch executor's."""
+    prompts = random_prompts([6, 10], seed=11)
+    lm = TriModeLM.from_engine(engine, executor="onnxruntime", num_pages=64, threads=2, prepack=True)
+    ex = lm.executor
+    assert ex.sessions["prefill"] is ex.sessions["decode"] is ex.sessions["verify"] is not ex.sessions["draft"]
+    options = ex.sessions["draft"].session.get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "0"
+    assert options.intra_op_num_threads == 2 and ex.threads == 2
+    reference = TriModeLM.from_engine(engine, executor="torch", num_pages=64)
+    for mode in (ARConfig(), SpecConfig(4), DiffusionConfig(4)):
+        got = [r.token_ids for r in lm.run([lm.request(p, 9, mode) for p in prompts])]
+        assert got == [r.token_ids for r in reference.run([reference.request(p, 9, mode) for p in prompts])], mode

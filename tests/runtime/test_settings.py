@@ -22,6 +22,7 @@ from trimode.runtime.settings import DEFAULTS, RuntimeSettings, SettingsError
     (dict(max_batch_size=True), "max_batch_size must be an integer >= 1"),
     (dict(kernels="cuda"), "kernels must be one of"),
     (dict(dtype="fp8"), "dtype must be one of"),
+    (dict(threads=-1), "threads must be an integer >= 0"),
 ])
 def test_bad_settings_are_refused_naming_the_setting(changes, match):
     with pytest.raises(SettingsError, match=match):
@@ -38,7 +39,7 @@ def test_cli_options_and_triton_parameters_come_from_the_settings():
     assert e.value.code == 2
     # the settings' Triton parameters (all but the kernels) are the model's, with the settings' defaults
     assert {f for _, _, f in settings.TRITON_PARAMETERS.values()} == {"num_pages", "page_size", "max_batch_size",
-                                                                      "executor", "dtype"}
+                                                                      "executor", "dtype", "threads"}
     for name, (default, _, field) in settings.TRITON_PARAMETERS.items():
         assert PARAMETERS[name][0] == default == str(getattr(DEFAULTS, field)), name
     parsed = parse_parameters({"num_pages": "9", "max_concurrent_requests": "5", "model_dir": "m"})
@@ -75,3 +76,37 @@ def test_executors_are_found_by_name_without_importing_them_first():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert "TypeError" in out and "engine_dir" in out, out
     assert "unknown executor 'nope'" in out and "'onnxruntime'" in out and "'tensorrt'" in out, out
+
+
+def test_threads_setting_reaches_cli_triton_and_executors(ckpt, monkeypatch):
+    """One setting, ``threads``: a ``trimode generate`` option and a Triton parameter; the torch executor gives
+    it to torch's pool, the onnxruntime executor to its own pool and leaves torch one thread."""
+    args = build_parser().parse_args(["generate", "--model", "m", "--threads", "3", "x"])
+    assert settings.from_args(args, settings.GENERATE_OPTIONS).threads == 3
+    assert build_parser().parse_args(["generate", "--model", "m", "x"]).threads == 0  # 0: the default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "m", "--threads", "-2", "x"])
+    assert settings.from_parameters(parse_parameters({"threads": "2", "model_dir": "m"})).threads == 2
+    assert RuntimeSettings(threads=2).executor_kwargs == {"threads": 2}
+    assert RuntimeSettings(threads=2, executor="tensorrt").executor_kwargs == {}
+    assert settings.ThreadPlan.for_executor("torch", 3) == settings.ThreadPlan(3, 0)
+    assert settings.ThreadPlan.for_executor("onnxruntime", 3) == settings.ThreadPlan(1, 3)
+    monkeypatch.setenv(settings.THREADS_ENV, "5")
+    assert settings.resolve_threads(0) == 5 and settings.resolve_threads(2) == 2
+    monkeypatch.setenv(settings.THREADS_ENV, "many")
+    with pytest.raises(SettingsError, match="TRIMODE_THREADS must be an integer >= 1"):
+        settings.resolve_threads(0)
+    monkeypatch.delenv(settings.THREADS_ENV)
+    assert settings.resolve_threads(0) == settings.machine_threads() >= 1
+    # by default small models get one thread, large ones the machine's (one per BYTES_PER_THREAD of weights)
+    assert settings.resolve_threads(0, weight_bytes=12 << 20) == 1
+    assert settings.resolve_threads(0, weight_bytes=1 << 40) == settings.machine_threads()
+    assert settings.resolve_threads(3, weight_bytes=1) == 3
+    import torch
+
+    old = torch.get_num_threads()
+    try:
+        lm = make_lm(ckpt, settings=RuntimeSettings(threads=2))
+        assert lm.executor.threads == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default=None, help="text file, one prompt per line, encoded with the checkpoint's "
                     "tokenizer and cut to --prompt-len tokens (default: random token ids)")
     ap.add_argument("--block-length", type=int, default=None, help="spec block length (default: checkpoint's)")
-    ap.add_argument("--torch-threads", type=int, default=1, help="server torch threads (default 1)")
+    ap.add_argument("--threads", type=int, default=1, help="the server runtime's CPU threads (default 1)")
     ap.add_argument("--num-pages", type=int, default=1024)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.grpc_url
     if url is None:
         repo = write_repository(tmp / "repo", model, num_pages=args.num_pages, page_size=args.page_size,
-                                max_concurrent_requests=max(levels), torch_threads=args.torch_threads)
+                                max_concurrent_requests=max(levels), threads=args.threads)
         server = TritonServer(repo)
         t0 = time.perf_counter()
         server.start()
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     png = out.with_suffix(".png")
     plot(rows, png, f"trimode via Triton (gRPC streaming), {model_label}, {prompt_label}, "
-                    f"prompt={args.prompt_len} tokens, max_tokens={args.max_tokens}, torch threads={args.torch_threads}")
+                    f"prompt={args.prompt_len} tokens, max_tokens={args.max_tokens}, threads={args.threads}")
     summary = {"json": str(out), "png": str(png),
                "tokens_per_s": {m: {r["concurrency"]: r["tokens_per_s"] for r in rows if r["mode"] == m}
                                 for m in modes},

@@ -25,7 +25,7 @@ from trimode.runtime.serving.repository import DEFAULT_MODEL_NAME, write_reposit
 from trimode.runtime.serving.server import ENV_VAR, ServingError, TritonServer
 
 # the runtime settings a served model takes from the command line (the Triton parameters of the same names)
-REPO_SETTINGS = ("num_pages", "page_size", "max_batch_size", "dtype", "executor")
+REPO_SETTINGS = ("num_pages", "page_size", "max_batch_size", "dtype", "executor", "threads")
 
 
 def _add_repo_options(p: argparse.ArgumentParser) -> None:
@@ -40,8 +40,12 @@ def _add_repo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=64)
     p.add_argument("--default-mode", choices=["ar", "diffusion", "spec"], default="spec")
-    settings.add_arguments(p, names=REPO_SETTINGS[3:])  # --dtype, --executor (in this order in --help)
-    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    settings.add_arguments(p, names=REPO_SETTINGS[3:])  # --dtype, --executor, --threads (in this order in --help)
+    p.add_argument("--max-block-length", type=int, default=0,
+                   help="largest block_length a request may ask (0: the checkpoint's block_size)")
+    p.add_argument("--max-prompt-bytes", type=int, default=0,
+                   help="largest text_input in bytes, refused before tokenizing (0: from the model's positions, "
+                        "the KV budget and the vocabulary)")
     p.add_argument("--instance-count", type=int, default=1,
                    help="model instances; each owns its own runtime and KV cache (default 1)")
     p.add_argument("--copy-model", action="store_true", help="copy the checkpoint into the repository")
@@ -53,8 +57,9 @@ def _repo_kwargs(args: argparse.Namespace) -> dict:
                 max_concurrent_requests=args.max_batch_size, max_queued_requests=args.max_queued_requests,
                 kv_admission=args.kv_admission, max_tokens_limit=args.max_tokens_limit,
                 default_max_tokens=args.default_max_tokens, default_mode=args.default_mode, dtype=args.dtype,
-                executor=args.executor, torch_threads=args.torch_threads, instance_count=args.instance_count,
-                copy_model=args.copy_model)
+                executor=args.executor, threads=args.threads, instance_count=args.instance_count,
+                copy_model=args.copy_model, max_block_length=args.max_block_length,
+                max_prompt_bytes=args.max_prompt_bytes)
 
 
 def add_subparsers(sub) -> None:
@@ -76,6 +81,14 @@ def add_subparsers(sub) -> None:
     s.add_argument("--log-file", default=None, help="tritonserver's log (default: a temp file)")
     s.add_argument("--log-verbose", type=int, default=0)
     s.add_argument("--startup-timeout", type=float, default=180.0)
+    s.add_argument("--exit-timeout", type=int, default=5,
+                   help="seconds tritonserver gets to exit after SIGTERM (in-flight requests are ended first)")
+    s.add_argument("--kill-grace", type=float, default=5.0,
+                   help="seconds after the exit timeout before tritonserver is killed")
+    s.add_argument("--health-interval", type=float, default=2.0,
+                   help="seconds between readiness checks of the running server")
+    s.add_argument("--health-timeout", type=float, default=15.0,
+                   help="a server that is not ready this many seconds is stopped: exit status 1")
     s.add_argument("--check", action="store_true", help="start, wait until ready, print the URLs, stop")
     _add_repo_options(s)
     from trimode.runtime.cli.tensor_parallel import add_tp_arguments
@@ -93,8 +106,11 @@ def triton_repo_command(args: argparse.Namespace) -> int:
 
 def serve_command(args: argparse.Namespace) -> int:
     """``serve``: start tritonserver (on ``--repo``, or on a temp repository written for ``--model``), print its
-    URLs as one JSON line, run until SIGINT/SIGTERM (or at once with ``--check``), stop it. Returns 0, or 1 when
-    the server died; a worker rank of ``--tp N`` returns 0 once rank 0 releases it."""
+    URLs as one JSON line, run until SIGINT/SIGTERM (or at once with ``--check``), stop it (in-flight streams end
+    with "the server is shutting down"; see ``TritonServer.stop``) and print a JSON line ``{"stopped": ...}``.
+    While running, readiness is checked every ``--health-interval`` s; a server that exits, or is not ready for
+    ``--health-timeout`` s (hung, or stopped behind our back), is stopped. Returns 0 after a clean stop, 1 when
+    the server died, hung or had to be killed; a worker rank of ``--tp N`` returns 0 once rank 0 releases it."""
     tp_master = ""
     if getattr(args, "tp", 1) > 1:
         tp_master = _tensor_parallel_launch(args)
@@ -103,36 +119,67 @@ def serve_command(args: argparse.Namespace) -> int:
     tmp = None
     repo = args.repo
     if repo is None:
-        tmp = tempfile.mkdtemp(prefix="trimode-repo-")
+        tmp = tempfile.mkdtemp(prefix=f"trimode-repo-{os.getpid()}-")  # removed by a later start if we die
         extra = dict(tp=args.tp, tp_master=tp_master, tp_timeout=args.tp_timeout) if tp_master else {}
         repo = write_repository(tmp, args.model, **_repo_kwargs(args), **extra)
-    stop = {"now": False}
+    stop = {"now": False, "started": False}
 
     def on_signal(signum, _frame) -> None:
         stop["now"] = True
+        if not stop["started"]:  # still starting: stop waiting for readiness
+            raise KeyboardInterrupt
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     server = TritonServer(repo, args.triton_env, args.http_port, args.grpc_port, args.metrics_port,
-                          args.log_file, args.log_verbose, args.startup_timeout)
+                          args.log_file, args.log_verbose, args.startup_timeout, exit_timeout=args.exit_timeout,
+                          kill_grace=args.kill_grace, model=args.name if repo != args.repo else None)
+    failure = None
     try:
-        server.start()
+        try:
+            server.start()
+            stop["started"] = True
+        except KeyboardInterrupt:
+            print("trimode serve: stopped by a signal during startup", file=sys.stderr, flush=True)
+            return 1
         print(json.dumps({"ready": True, "http": server.http_url, "grpc": server.grpc_url,
                           "metrics": server.metrics_url, "repository": str(repo), "pid": server.process.pid,
                           "serve_pid": os.getpid()}),
               flush=True)
-        while not args.check and not stop["now"] and server.process.poll() is None:
-            time.sleep(0.2)
-        died = server.process.poll() is not None
-        if died:
-            print(f"tritonserver exited with status {server.process.returncode}; log tail:\n{server.log_tail()}",
-                  file=sys.stderr)
-        return 1 if died else 0
+        failure = None if args.check else _watch(server, stop, args.health_interval, args.health_timeout)
+        if failure:
+            print(f"trimode serve: {failure}; log tail:\n{server.log_tail()}", file=sys.stderr, flush=True)
     finally:
-        server.stop()
+        code = server.stop()
         for s, h in old.items():
             signal.signal(s, h)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    report = {**server.stop_report, "clean": bool(server.clean_exit) and failure is None}
+    if failure:
+        report["failure"] = failure
+    print(json.dumps({"stopped": report}), flush=True)
+    if failure is None and not server.clean_exit and code is not None:
+        print(f"trimode serve: tritonserver did not stop cleanly ({report}); log tail:\n{server.log_tail()}",
+              file=sys.stderr, flush=True)
+    return 0 if report["clean"] else 1
+
+
+def _watch(server: TritonServer, stop: dict, interval: float, timeout: float) -> str | None:
+    """Wait until ``stop["now"]`` (a signal); returns None then, or why the server must be stopped: it exited,
+    or it was not ready for ``timeout`` seconds (hung, or shutting down behind our back)."""
+    last_ok = next_check = time.monotonic()
+    while not stop["now"]:
+        if server.process.poll() is not None:
+            return f"tritonserver exited with status {server.process.returncode}"
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + interval
+            if server.is_ready():
+                last_ok = now
+            elif now - last_ok >= timeout:
+                return f"tritonserver (pid {server.process.pid}) has not been ready for {now - last_ok:.0f} s"
+        time.sleep(0.1)
+    return None
 
 
 def _tensor_parallel_launch(args: argparse.Namespace) -> str | None:
@@ -159,10 +206,6 @@ def _tensor_parallel_launch(args: argparse.Namespace) -> str | None:
     try:
         comm = join_group(launch.rank, args.tp, launch.master_addr, launch.master_port, args.tp_backend,
                           args.tp_timeout, launch.local_world_size)
-        if args.torch_threads > 0:
-            import torch
-
-            torch.set_num_threads(args.torch_threads)
         worker = TriModeLM.from_pretrained(args.model, comm=comm, settings=settings.from_args(args, REPO_SETTINGS))
         worker.serve()
     except (TensorParallelError, CheckpointError) as e:

@@ -19,6 +19,14 @@ KV admission (``admission``):
   requests wait in arrival order until it fits, and one whose worst case exceeds the whole pool is rejected.
 - ``"greedy"``: requests enter at once; when no running sequence can get a page, the engine fails the newest
   stuck one with its ``KVCacheExhausted`` message (higher occupancy, but requests may fail under load).
+
+Queue limit (``max_queued``): only requests that cannot start at the next step count as queued (waiting for
+pages, or for a slot in the running batch); a request that can start at once is never refused as "busy".
+
+Stopping: ``drain`` ends every request in flight with the error "the server is shutting down" (pages freed)
+and refuses new ones, keeping the loop alive (the Triton model does this when its server is being stopped,
+so that every stream gets a final response); ``close`` does the same and stops the loop. ``count_rejected``
+counts a request refused before it reached the service (a bad request), so that stats see every refusal.
 """
 
 from __future__ import annotations
@@ -44,8 +52,11 @@ class Sink(Protocol):
     def is_cancelled(self) -> bool: ...
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
 class ServiceClosed(RuntimeError):
-    """The service has been closed; no new requests are taken."""
+    """The service has been closed or drained; no new requests are taken."""
 
 
 @dataclass
@@ -81,6 +92,7 @@ class EngineService:
         self._cv = threading.Condition()
         self._inbox: list[tuple[str, object]] = []
         self._closing = False
+        self._draining = False
         self._handles = itertools.count(1)
         self._pending: deque[_Entry] = deque()   # accepted, not yet in the engine (reserve admission)
         self._by_seq: dict[int, _Entry] = {}     # in the engine
@@ -98,8 +110,8 @@ class EngineService:
     def submit(self, request: GenerationRequest, sink: Sink) -> int:
         """Queue a request; returns a handle for ``cancel``. Rejections arrive through ``sink.on_error``."""
         with self._cv:
-            if self._closing:
-                raise ServiceClosed("the server is shutting down")
+            if self._closing or self._draining:
+                raise ServiceClosed(SHUTTING_DOWN)
             handle = next(self._handles)
             self._inbox.append(("submit", (handle, request, sink)))
             self._cv.notify()
@@ -109,6 +121,27 @@ class EngineService:
         with self._cv:
             self._inbox.append(("cancel", handle))
             self._cv.notify()
+
+    def count_rejected(self, n: int = 1) -> None:
+        """Count ``n`` requests refused before ``submit`` (bad input, refused by the server): the ``rejected``
+        total of ``stats`` and the metrics covers every refusal."""
+        with self._cv:
+            self._inbox.append(("rejected", n))
+            self._cv.notify()
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Refuse new requests (``ServiceClosed``) and end every request in flight with the error "the server is
+        shutting down", freeing its pages; the loop keeps running (stats still answer). Returns True once
+        nothing is in flight, False if that took longer than ``timeout`` seconds."""
+        with self._cv:
+            self._draining = True
+            self._inbox.append(("drain", None))
+            self._cv.notify_all()
+        return self.wait_idle(timeout)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining or self._closing
 
     def stats(self) -> dict:
         """A snapshot taken by the loop after its last step (pages in use, requests in flight, totals)."""
@@ -127,7 +160,7 @@ class EngineService:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Fail everything in flight with "server shutting down", free its pages and stop the loop."""
+        """Fail everything in flight with "the server is shutting down", free its pages and stop the loop."""
         with self._cv:
             self._closing = True
             self._cv.notify_all()
@@ -149,16 +182,24 @@ class EngineService:
                 closing = self._closing
             if self.keepalive_s is not None and time.monotonic() >= self._last_step + self.keepalive_s:
                 self._keepalive()
+            drain = False
             for op, arg in inbox:
                 if op == "submit":
                     self._accept(*arg)
-                else:
+                elif op == "cancel":
                     entry = self._by_handle.get(arg)
                     if entry is not None:
                         entry.cancel_requested = True
+                elif op == "rejected":
+                    self._totals["rejected"] += arg
+                elif op == "drain":
+                    drain = True
             if closing:
                 self._shutdown()
                 return
+            if drain:
+                self._end_all(SHUTTING_DOWN)
+                continue
             self._poll_cancelled(force=bool(inbox))
             self._apply_cancellations()
             self._admit()
@@ -191,12 +232,25 @@ class EngineService:
         # No pass ever keeps K/V past prompt + max_new_tokens positions (AR, diffusion and spec alike).
         return self.cache.pages_for(len(request.prompt_ids) + request.max_new_tokens)
 
+    def _queued(self) -> int:
+        """Requests that cannot start at the next step: waiting for pages, or beyond the running batch's free
+        slots."""
+        in_engine = len(self.engine.running) + len(self.engine.waiting)
+        return len(self._pending) + max(0, in_engine - self.engine.max_batch_size)
+
+    def _can_start_now(self, entry: _Entry) -> bool:
+        if self._pending or len(self.engine.running) + len(self.engine.waiting) >= self.engine.max_batch_size:
+            return False
+        return self.admission != "reserve" or self._reserved_pages + entry.pages <= self.cache.num_pages
+
     def _accept(self, handle: int, request: GenerationRequest, sink: Sink) -> None:
         entry = _Entry(handle, request, sink, self._worst_case_pages(request))
-        queued = len(self._pending) + len(self.engine.waiting)
-        if queued >= self.max_queued:
-            return self._reject(entry, f"server busy: {queued} requests are already queued "
-                                       f"(max_queued_requests={self.max_queued}); retry later")
+        self._admit()  # earlier submissions of this inbox first: what fits now is not queued
+        if not self._can_start_now(entry):
+            queued = self._queued()
+            if queued >= self.max_queued:
+                return self._reject(entry, f"server busy: {queued} requests are already queued "
+                                           f"(max_queued_requests={self.max_queued}); retry later")
         if self.admission == "reserve" and entry.pages > self.cache.num_pages:
             return self._reject(entry, f"request too large for the KV cache: prompt ({len(request.prompt_ids)} "
                                        f"tokens) + max_tokens ({request.max_new_tokens}) needs up to {entry.pages} "
@@ -312,8 +366,9 @@ class EngineService:
             if result is not None:
                 result.finish_reason, result.error = "error", message
 
-    def _shutdown(self) -> None:
-        message = "the server is shutting down"
+    def _end_all(self, message: str) -> None:
+        """End every request in flight with the error ``message`` (queued ones rejected, running ones failed,
+        their pages freed)."""
         while self._pending:
             entry = self._pending.popleft()
             self._by_handle.pop(entry.handle, None)
@@ -321,6 +376,9 @@ class EngineService:
         self._fail_engine(message)
         self._collect()
         self._publish_stats()
+
+    def _shutdown(self) -> None:
+        self._end_all(SHUTTING_DOWN)
         with self._cv:
             self._cv.notify_all()
 

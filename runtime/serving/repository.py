@@ -30,7 +30,7 @@ _INPUTS = [  # name, data type, dims
     ("mode", "TYPE_STRING", [1]), ("block_length", "TYPE_INT32", [1]), ("threshold", "TYPE_FP32", [1]),
     ("temperature", "TYPE_FP32", [1]), ("top_p", "TYPE_FP32", [1]), ("top_k", "TYPE_INT32", [1]),
     ("seed", "TYPE_INT64", [1]), ("stop", "TYPE_STRING", [-1]), ("stream", "TYPE_BOOL", [1]),
-    ("command", "TYPE_STRING", [1]),
+    ("use_lora", "TYPE_BOOL", [1]), ("command", "TYPE_STRING", [1]),
 ]
 _OUTPUTS = [("text_output", "TYPE_STRING", [1]), ("output_ids", "TYPE_INT32", [-1]),
             ("finish_reason", "TYPE_STRING", [1]), ("counters", "TYPE_STRING", [1])]
@@ -60,14 +60,17 @@ def write_repository(out: str | Path, model_dir: str | Path, name: str = DEFAULT
                      max_concurrent_requests: int = DEFAULTS.max_batch_size, max_queued_requests: int = 1024,
                      kv_admission: str = "reserve", max_tokens_limit: int = 4096, default_max_tokens: int = 64,
                      default_mode: str = "spec", dtype: str = DEFAULTS.dtype, executor: str = DEFAULTS.executor,
-                     torch_threads: int = 0, cancel_poll_ms: int = 50, instance_count: int = 1,
-                     copy_model: bool = False, tp: int = 1, tp_master: str = "", tp_timeout: float = 600.0) -> Path:
+                     threads: int = DEFAULTS.threads, cancel_poll_ms: int = 50, instance_count: int = 1,
+                     copy_model: bool = False, tp: int = 1, tp_master: str = "", tp_timeout: float = 600.0,
+                     max_block_length: int = 0, max_prompt_bytes: int = 0) -> Path:
     """Write ``out/<name>/config.pbtxt`` and ``out/<name>/1/model.py``; returns ``out``.
 
     ``num_pages`` x ``page_size`` tokens of KV per instance, ``max_concurrent_requests`` sequences in its running
-    batch (the runtime's max_batch_size), ``max_queued_requests`` waiting before rejection, ``torch_threads`` 0
-    for torch's default, ``cancel_poll_ms`` between client-cancellation checks; ``tp`` > 1 makes the model rank 0
+    batch (the runtime's max_batch_size), ``max_queued_requests`` waiting before rejection, ``threads`` the
+    runtime's CPU threads (runtime.settings; 0: the machine's default), ``cancel_poll_ms`` between client-cancellation checks; ``tp`` > 1 makes the model rank 0
     of a tensor-parallel group formed at ``tp_master`` (host:port; one instance only, ``tp_timeout`` seconds).
+    ``max_block_length`` (0: the checkpoint's block_size) bounds a request's ``block_length``;
+    ``max_prompt_bytes`` (0: from the model, see ``runtime.serving.triton_request``) bounds ``text_input``.
     ``copy_model`` copies the checkpoint into ``out/<name>/1/checkpoint`` (a self-contained repository whose
     config names it by a relative path); otherwise the config holds the checkpoint's absolute path.
     Raises ``CheckpointError`` for a directory that is not a checkpoint and ``ValueError`` naming a bad value.
@@ -78,6 +81,9 @@ def write_repository(out: str | Path, model_dir: str | Path, name: str = DEFAULT
 
     model_dir = Path(model_dir).resolve()
     load_config(model_dir)  # fails early, naming the file, for a directory that is not a checkpoint
+    for label, value in (("max_block_length", max_block_length), ("max_prompt_bytes", max_prompt_bytes)):
+        if value < 0:
+            raise ValueError(f"{label} must be >= 0 (0: automatic), got {value}")
     for label, value in (("num_pages", num_pages), ("page_size", page_size), ("instance_count", instance_count),
                          ("max_concurrent_requests", max_concurrent_requests),
                          ("max_queued_requests", max_queued_requests), ("max_tokens_limit", max_tokens_limit),
@@ -101,8 +107,9 @@ def write_repository(out: str | Path, model_dir: str | Path, name: str = DEFAULT
     params = dict(model_dir=location, dtype=dtype, executor=executor, num_pages=num_pages, page_size=page_size,
                   max_concurrent_requests=max_concurrent_requests, max_queued_requests=max_queued_requests,
                   kv_admission=kv_admission, max_tokens_limit=max_tokens_limit,
-                  default_max_tokens=default_max_tokens, default_mode=default_mode, torch_threads=torch_threads,
-                  cancel_poll_ms=cancel_poll_ms)
+                  default_max_tokens=default_max_tokens, default_mode=default_mode, threads=threads,
+                  cancel_poll_ms=cancel_poll_ms, max_block_length=max_block_length,
+                  max_prompt_bytes=max_prompt_bytes)
     if tp > 1:
         params.update(tp=tp, tp_master=tp_master, tp_timeout=tp_timeout)
     (out / name / "config.pbtxt").write_text(config_pbtxt(name, {k: str(v) for k, v in params.items()},

@@ -11,14 +11,24 @@ decoupled response sender).
 Outputs: ``text_output`` (STRING [1]: the text increment, or the whole text when not streaming),
 ``output_ids`` (INT32 [-1]: the token increment), ``finish_reason`` (STRING [1]: "" until the last response,
 then stop | length | cancelled), ``counters`` (STRING [1]: JSON, last response only: forwards by kind, tokens
-per forward, accepted lengths, queue time, time to first token, ...). Errors (bad request, queue full, KV
-exhausted) arrive as an error response, which ends that request.
+per forward, accepted lengths, queue time, time to first token, ...). Errors arrive as an error response, which
+ends that request, with a Triton error code: ``INVALID_ARG`` for a bad request, ``UNAVAILABLE`` for "server
+busy", KV exhaustion and "the server is shutting down" (retry elsewhere or later), ``INTERNAL`` otherwise.
+Every refusal is counted in ``rejected`` (stats and the ``trimode_requests_rejected`` metric).
+
+Stopping: the launcher (``runtime.serving.server.TritonServer.stop``) sends ``command="drain TOKEN"`` (TOKEN from
+the ``TRIMODE_DRAIN_TOKEN`` environment the launcher gave tritonserver) before it signals the server, so every
+stream in flight ends at once with a final "the server is shutting down" error and the server has nothing left
+to wait for; ``finalize`` does the same for anything still running. The stats answer carries ``server_pid``
+(the tritonserver that runs this backend), by which the launcher proves it talks to its own server.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -32,43 +42,46 @@ except ImportError:  # pragma: no cover - imported outside Triton (tests of the 
 from trimode.runtime import settings
 from trimode.runtime.model.tokenizer import StreamDecoder
 from trimode.runtime.request import GenerationResult
-from trimode.runtime.serving.triton_request import INPUTS, ParsedRequest, parse_parameters, parse_request
+from trimode.runtime.serving.server import DRAIN_TOKEN_ENV
+from trimode.runtime.serving.triton_request import (INPUTS, ParsedRequest, check_request_parameters, parse_parameters,
+                                                    parse_request, request_limits)
+from trimode.runtime.stopping import StopStringMatcher
+
 
 # ---- streaming one request back ---------------------------------------------------------------------------
 
 class StreamAssembler:
-    """Per-request output state: text increments (UTF-8 safe), stop strings, what has been sent."""
+    """Per-request output state: text increments (UTF-8 safe), stop strings (``runtime.stopping``: matched on
+    the decoded text; the text ends right after the first match, the ids with the token that completed it),
+    what has been sent."""
 
     def __init__(self, tokenizer, stop_strings: tuple[str, ...] = ()) -> None:
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-        self.stop_strings = stop_strings
+        self.stop = StopStringMatcher(stop_strings) if stop_strings and tokenizer is not None else None
         self.text, self.ids = "", []
         self.sent_chars = self.sent_ids = 0
-        self.stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_stopped
 
     def push(self, ids: list[int]) -> bool:
-        """Add accepted tokens; False once a stop string has matched (the rest is dropped)."""
+        """Add accepted tokens; False once a stop string has matched (the tokens after it are dropped)."""
         if self.stopped:
             return False
         if self.decoder is None:
             self.ids.extend(ids)
             return True
-        if not self.stop_strings:
+        if self.stop is None:
             self.ids.extend(ids)
             self.text += self.decoder.push(ids)
             return True
-        longest = max(len(s) for s in self.stop_strings)
-        for t in ids:
-            start = max(0, len(self.text) - longest + 1)
+        for t in ids:  # token by token: the match ends the output at the token that completed it
             self.ids.append(t)
-            self.text += self.decoder.push([t])
-            hits = [(i, s) for s in self.stop_strings if (i := self.text.find(s, start)) >= 0]
-            if hits:
-                i, s = min(hits)
-                self.text = self.text[:i + len(s)]
-                self.stopped = True
-                return False
-        return True
+            if self.stop.push(self.decoder.push([t])):
+                break
+        self.text = self.stop.text
+        return not self.stopped
 
     def take(self) -> tuple[str, list[int]]:
         """The text and ids not sent yet."""
@@ -124,7 +137,7 @@ class TritonSink:
         self._send(text, ids, result.finish_reason or "", json.dumps(counters), final=True)
 
     def on_error(self, message: str) -> None:
-        send_error(self.sender, message)
+        send_error(self.sender, message, error_code(message))
 
     def is_cancelled(self) -> bool:
         if self.broken:
@@ -139,10 +152,30 @@ def _log_warn(message: str) -> None:
         print(message, flush=True)
 
 
-def send_error(sender, message: str) -> None:
-    """End a request with an error response carrying ``message`` (closing it quietly if that send fails)."""
+# messages of refusals that are the server's state, not the request's fault (retry later / elsewhere)
+_UNAVAILABLE = ("server busy", "the server is shutting down", "KV cache exhausted")
+
+
+def error_code(message: str) -> str:
+    """The Triton error code name of an error ``message`` from the engine service: UNAVAILABLE for busy /
+    shutting down / KV exhausted, INVALID_ARG for the engine's admission checks (a request that can never fit),
+    else INTERNAL."""
+    if any(m in message for m in _UNAVAILABLE):
+        return "UNAVAILABLE"
+    if message.startswith(("request too large", "prompt (", "the prompt (")):
+        return "INVALID_ARG"
+    return "INTERNAL"
+
+
+def send_error(sender, message: str, code: str = "INTERNAL") -> None:
+    """End a request with an error response carrying ``message`` and the Triton error ``code`` (a
+    ``TritonError`` attribute name; closing it quietly if that send fails)."""
     try:
-        sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
+        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL))
+    except TypeError:  # a backend without error codes
+        error = pb_utils.TritonError(message)
+    try:
+        sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
     except Exception:
         _close_quietly(sender)
@@ -164,6 +197,19 @@ def request_inputs(request) -> dict:
         if tensor is not None:
             out[name] = tensor.as_numpy()
     return out
+
+
+def _exit_now() -> None:
+    """End this backend process at once (tritonserver is gone), removing its shared-memory region (the stub's
+    second argument)."""
+    try:
+        args = Path("/proc/self/cmdline").read_bytes().split(b"\0")
+        region = args[2].decode() if len(args) > 2 else ""
+        if region and "/" not in region and (Path("/dev/shm") / region).exists():
+            (Path("/dev/shm") / region).unlink()
+    except OSError:
+        pass
+    os._exit(1)
 
 
 # ---- the model ------------------------------------------------------------------------------------------
@@ -203,10 +249,6 @@ class TritonPythonModel:
         model_dir = Path(p["model_dir"])
         if not model_dir.is_absolute():  # relative to the model's version folder (a self-contained repository)
             model_dir = Path(args["model_repository"]) / args["model_version"] / model_dir
-        import torch
-
-        if p["torch_threads"] > 0:
-            torch.set_num_threads(p["torch_threads"])
         self.comm, keepalive = None, None
         if p["tp"] > 1:  # rank 0 of a tensor-parallel group; the workers are `trimode serve --tp N` ranks 1..N-1
             from trimode.runtime.parallel.comm import join_group
@@ -215,11 +257,10 @@ class TritonPythonModel:
             if not host or not port.isdigit():
                 raise ValueError(f"config.pbtxt parameter tp_master must be host:port, got {p['tp_master']!r}")
             self.comm = join_group(0, p["tp"], host, int(port), timeout_s=p["tp_timeout"])
-            if p["torch_threads"] > 0:
-                torch.set_num_threads(p["torch_threads"])
             keepalive = p["tp_timeout"] / 4
         # rank 0's shard under tensor parallelism, else the whole checkpoint
         self.lm = TriModeLM.from_pretrained(model_dir, comm=self.comm, settings=settings.from_parameters(p))
+        self.limits = request_limits(self.lm, p)
         self.model_name = args.get("model_name", "trimode")
         self.instance_name = args.get("model_instance_name", self.model_name)
         self._metrics = self._make_metrics()
@@ -227,6 +268,7 @@ class TritonPythonModel:
         self.service = EngineService(self.lm, max_queued=p["max_queued_requests"], admission=p["kv_admission"],
                                      cancel_poll_s=p["cancel_poll_ms"] / 1000.0, on_stats=self._on_stats,
                                      keepalive_s=keepalive)
+        threading.Thread(target=self._watch, args=(os.getppid(),), name="trimode-watch", daemon=True).start()
 
     def _make_metrics(self) -> dict:
         try:
@@ -253,31 +295,75 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                parsed = parse_request(request_inputs(request), self.lm, self.params)
-            except ValueError as e:  # RequestError, SamplingError: the message names the input
-                send_error(sender, str(e))
-                continue
+                self._execute_one(request, sender)
             except Exception as e:  # never let one request take the model down
-                send_error(sender, f"internal error while reading the request: {type(e).__name__}: {e}")
-                continue
-            if parsed.command == "stats":
-                stats = {**self.service.stats(), "model": self.model_name, "pid": os.getpid()}
-                tensors = [pb_utils.Tensor("text_output", np.array([b""], dtype=np.object_)),
-                           pb_utils.Tensor("output_ids", np.zeros(0, dtype=np.int32)),
-                           pb_utils.Tensor("finish_reason", np.array([b"stats"], dtype=np.object_)),
-                           pb_utils.Tensor("counters", np.array([json.dumps(stats).encode()], dtype=np.object_))]
-                sender.send(pb_utils.InferenceResponse(output_tensors=tensors),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self._refuse(sender, f"internal error while reading the request: {type(e).__name__}: {e}",
+                             "INTERNAL")
+        return None
+
+    def _refuse(self, sender, message: str, code: str) -> None:
+        self.service.count_rejected()
+        try:
+            send_error(sender, message, code)
+        except Exception:  # the client is gone
+            pass
+
+    def _execute_one(self, request, sender) -> None:
+        try:
+            check_request_parameters(json.loads(request.parameters() or "{}"))
+            parsed = parse_request(request_inputs(request), self.lm, self.params, self.limits)
+        except ValueError as e:  # RequestError, SamplingError: the message names the input
+            return self._refuse(sender, str(e), "INVALID_ARG")
+        if parsed.command == "stats":
+            return self._send_stats(sender)
+        if parsed.command == "drain":
+            token = os.environ.get(DRAIN_TOKEN_ENV, "")
+            if not token or not hmac.compare_digest(parsed.argument.encode(), token.encode()):
+                return self._refuse(sender, "command drain needs the launcher's token", "INVALID_ARG")
+            self.service.drain(timeout=5)
+            return self._send_stats(sender)
+        try:
+            self.service.submit(parsed.request, TritonSink(request, sender, parsed, self.lm.tokenizer))
+        except Exception as e:  # ServiceClosed: shutting down
+            self._refuse(sender, str(e), error_code(str(e)))
+
+    def _send_stats(self, sender) -> None:
+        stats = {**self.service.stats(), "model": self.model_name, "pid": os.getpid(), "server_pid": os.getppid(),
+                 "draining": self.service.draining}
+        tensors = [pb_utils.Tensor("text_output", np.array([b""], dtype=np.object_)),
+                   pb_utils.Tensor("output_ids", np.zeros(0, dtype=np.int32)),
+                   pb_utils.Tensor("finish_reason", np.array([b"stats"], dtype=np.object_)),
+                   pb_utils.Tensor("counters", np.array([json.dumps(stats).encode()], dtype=np.object_))]
+        sender.send(pb_utils.InferenceResponse(output_tensors=tensors),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _watch(self, parent: int, interval_s: float = 0.25) -> None:
+        """The model's watchdog thread. Exits the process at once when tritonserver (``parent``) is gone (killed,
+        crashed: the stub itself notices only after seconds, and must never hold the model on its own). Drains
+        the service when the server unloads this model while requests are in flight (tritonserver got SIGTERM
+        directly: it would wait for the streams, then exit under them): they end with "the server is shutting
+        down" at once."""
+        checks = 0
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                _exit_now()
+            checks += 1
+            if checks % 2 or self.service.draining or not self.service.stats().get("requests_in_flight"):
                 continue
             try:
-                self.service.submit(parsed.request, TritonSink(request, sender, parsed, self.lm.tokenizer))
-            except Exception as e:
-                send_error(sender, str(e))
-        return None
+                ready = pb_utils.is_model_ready(self.model_name)
+            except Exception as e:  # "Server not ready" once the server is stopping; else decide next round
+                if "not ready" not in str(e):
+                    continue
+                ready = False
+            if not ready:
+                _log_warn("trimode: the model is being unloaded with requests in flight: ending them")
+                self.service.drain(timeout=5)
 
     def finalize(self) -> None:
         service = getattr(self, "service", None)
-        if service is not None:
+        if service is not None:  # anything still in flight ends with "the server is shutting down"
             service.close(timeout=5)
         if getattr(self, "comm", None) is not None:  # release the worker ranks (they exit), then the group
             try:

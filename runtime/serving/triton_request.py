@@ -6,19 +6,32 @@ Inputs (all optional in ``config.pbtxt``; checked here so that every error names
 
 | name | type | default | meaning |
 |---|---|---|---|
-| text_input | STRING [1] | – | the prompt text (or give input_ids) |
-| input_ids | INT32 [-1] | – | the prompt as token ids |
+| text_input | STRING [1] | – | the prompt text (or give input_ids), at most max_prompt_bytes UTF-8 bytes |
+| input_ids | INT32 [-1] | – | the prompt as token ids, at most max_prompt_tokens of them |
 | max_tokens | INT32 [1] | parameter default_max_tokens | new tokens to generate, 1 .. max_tokens_limit |
 | mode | STRING [1] | parameter default_mode | ar, diffusion or spec |
-| block_length | INT32 [1] | checkpoint block_size | diffusion / spec block length |
-| threshold | FP32 [1] | diffusion 0.9, spec 0.0 | confidence threshold |
+| block_length | INT32 [1] | checkpoint block_size | diffusion / spec block length, 1 .. max_block_length |
+| threshold | FP32 [1] | diffusion 0.9, spec 0.0 | confidence threshold, in [0, 1] |
+| use_lora | BOOL [1] | true | spec: draft with the LoRA drafter (false: the base model drafts) |
 | temperature | FP32 [1] | 0 | 0 = greedy |
 | top_p | FP32 [1] | 1 | nucleus filter |
 | top_k | INT32 [1] | 0 | 0 = off |
 | seed | INT64 [1] | random | sampling seed |
 | stop | STRING [-1] | – | stop strings (output ends after the first match, the match included) |
 | stream | BOOL [1] | true | false: one response with the whole text |
-| command | STRING [1] | – | "stats": answer with the health snapshot instead of generating |
+| command | STRING [1] | – | "stats": answer with the health snapshot instead of generating; "drain TOKEN": end every request in flight with "the server is shutting down" and refuse new ones (TOKEN: the launcher's ``TRIMODE_DRAIN_TOKEN``) |
+
+Every input is checked in every mode (a ``block_length`` 0 or a NaN ``threshold`` is refused for an AR request
+too, although AR does not use them); an input that does not apply to the mode is otherwise ignored. Request
+parameters (the fields of an HTTP ``generate`` body that are not inputs, e.g. a misspelled ``max_token``) are
+refused by ``check_request_parameters``.
+
+Limits (``RequestLimits``, from the model, the engine and the parameters): a prompt has at most
+``max_prompt_tokens`` = min(the model's positions, the KV pool's tokens) - 1 tokens; a ``text_input`` longer
+than ``max_prompt_bytes`` (parameter; 0: ``max_prompt_tokens`` x (the longest vocabulary entry in bytes + 1))
+is refused before it is decoded or tokenized, so a huge prompt costs no tokenizer time or memory;
+``block_length`` is at most ``max_block_length`` (parameter; 0: an engine directory's built block length,
+else the checkpoint's ``block_size``).
 
 Errors: ``RequestError`` / ``SamplingError`` (both ``ValueError``) for a bad request, ``ValueError`` for a bad
 parameter. The mode config comes from ``runtime.request.mode_config`` (the defaults above).
@@ -32,27 +45,32 @@ import numpy as np
 from trimode.runtime.request import GenerationRequest, Mode, RequestError, mode_config
 from trimode.runtime.sampling import SamplingParams
 from trimode.runtime.settings import TRITON_PARAMETERS
+from trimode.runtime.stopping import check_stop_strings, special_stop_ids
 
 MODES = tuple(m.value for m in Mode)
+COMMANDS = ("stats", "drain")
 INPUTS = ("text_input", "input_ids", "max_tokens", "mode", "block_length", "threshold", "temperature", "top_p",
-          "top_k", "seed", "stop", "stream", "command")
+          "top_k", "seed", "stop", "stream", "use_lora", "command")
 
 # parameter name -> (default, parser); the repository generator writes the same names. The runtime settings'
-# entries (dtype, executor, num_pages, page_size, max_concurrent_requests) are runtime.settings.TRITON_PARAMETERS'.
+# entries (dtype, executor, num_pages, page_size, max_concurrent_requests, threads) are
+# runtime.settings.TRITON_PARAMETERS'.
 _SETTINGS = {name: (default, kind) for name, (default, kind, _) in TRITON_PARAMETERS.items()}
 PARAMETERS = {
     "model_dir": ("", str),
-    **{name: _SETTINGS[name] for name in ("dtype", "executor", "num_pages", "page_size", "max_concurrent_requests")},
+    **{name: _SETTINGS[name] for name in ("dtype", "executor", "num_pages", "page_size", "max_concurrent_requests",
+                                          "threads")},
     "max_queued_requests": ("1024", int),
     "kv_admission": ("reserve", str),
     "max_tokens_limit": ("4096", int),
     "default_max_tokens": ("64", int),
     "default_mode": ("spec", str),
-    "torch_threads": ("0", int),
     "cancel_poll_ms": ("50", int),
     "tp": ("1", int),            # tensor parallelism: this model is rank 0 of `trimode serve --tp N` (mpiexec)
     "tp_master": ("", str),      # host:port where rank 0 (this model) forms the group with the worker ranks
     "tp_timeout": ("600", float),
+    "max_block_length": ("0", int),   # 0: the engine's / checkpoint's block length
+    "max_prompt_bytes": ("0", int),   # 0: max_prompt_tokens x (longest vocabulary entry in bytes + 1)
 }
 
 
@@ -72,19 +90,66 @@ def parse_parameters(raw: dict[str, str]) -> dict:
     return out
 
 
+# ---- limits -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The bounds a request is checked against (tokens, bytes, tokens): see the module docstring."""
+
+    max_prompt_tokens: int
+    max_prompt_bytes: int
+    max_block_length: int
+
+
+def _longest_token_bytes(tokenizer) -> int:
+    try:
+        vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+        return max(len(token.encode("utf-8")) for token in vocab)
+    except Exception:  # no vocabulary to read: a generous bound
+        return 64
+
+
+def request_limits(lm, params: dict) -> RequestLimits:
+    """The ``RequestLimits`` of a runtime ``lm`` (a ``TriModeLM``) under the parsed ``params``; raises
+    ``ValueError`` for a negative ``max_block_length`` / ``max_prompt_bytes`` parameter."""
+    for name in ("max_block_length", "max_prompt_bytes"):
+        if params[name] < 0:
+            raise ValueError(f"config.pbtxt parameter {name} must be >= 0 (0: automatic), got {params[name]}")
+    max_prompt = min(lm.engine.max_positions, lm.cache.num_pages * lm.cache.page_size) - 1
+    max_bytes = params["max_prompt_bytes"]
+    if not max_bytes:
+        per_token = _longest_token_bytes(lm.tokenizer) if lm.tokenizer is not None else 64
+        max_bytes = max_prompt * (per_token + 1)
+    block = params["max_block_length"]
+    if not block:
+        manifest = getattr(lm, "engine_manifest", None) or {}
+        block = manifest.get("shapes", {}).get("block_length") or lm.config.block_size
+    return RequestLimits(max(1, max_prompt), max_bytes, block)
+
+
+def check_request_parameters(parameters: dict) -> None:
+    """Refuse request parameters: this model reads only inputs, so a parameter is a misspelled or unknown field
+    (Triton's HTTP ``generate`` endpoint turns every body field that is not an input into one). Raises
+    ``RequestError`` naming them and the known inputs."""
+    if parameters:
+        raise RequestError(f"unknown fields {sorted(parameters)}; known inputs: {list(INPUTS)}")
+
+
 # ---- request parsing (pure: numpy arrays in, a GenerationRequest out) -------------------------------------
 
 @dataclass
 class ParsedRequest:
     """A checked request: the engine ``request`` (None for a command), its mode name, whether to stream, the
-    stop strings matched on the decoded text (single-token stops are in ``request.stop_token_ids``), and the
-    ``command`` ("stats") if it is one."""
+    stop strings matched on the decoded text (those naming a special token also by id, in
+    ``request.stop_token_ids``), and the
+    ``command`` ("stats" or "drain") and its ``argument`` if it is one."""
 
     request: GenerationRequest | None
     mode: str
     stream: bool
     stop_strings: tuple[str, ...]
     command: str | None = None
+    argument: str = ""                 # the rest of the command text (the token of "drain")
 
 
 def _scalar(inputs: dict, name: str, kind: str):
@@ -123,17 +188,32 @@ def _text(value, name: str) -> str:
     raise RequestError(f"{name} must be a STRING (BYTES) tensor, got {type(value).__name__}")
 
 
-def parse_request(inputs: dict, lm, params: dict) -> ParsedRequest:
+def _text_bytes(inputs: dict, name: str, limit: int) -> None:
+    """Refuse a STRING input longer than ``limit`` bytes before it is decoded or tokenized."""
+    arr = np.asarray(inputs[name])
+    if arr.size == 1:
+        value = arr.reshape(-1)[0]
+        size = len(value) if isinstance(value, (bytes, np.bytes_)) else len(str(value).encode("utf-8"))
+        if size > limit:
+            raise RequestError(f"{name} is {size} bytes; this server takes prompts of at most {limit} bytes "
+                               f"(parameter max_prompt_bytes, by default from the model's positions, the KV page "
+                               f"budget and the vocabulary)")
+
+
+def parse_request(inputs: dict, lm, params: dict, limits: RequestLimits | None = None) -> ParsedRequest:
     """Turn a request's input tensors into a validated ``GenerationRequest``; ``RequestError``/``SamplingError``
-    (both ``ValueError``) name the offending input otherwise."""
+    (both ``ValueError``) name the offending input otherwise. ``limits``: ``request_limits(lm, params)``
+    (computed here when None)."""
+    limits = limits or request_limits(lm, params)
     unknown = sorted(set(inputs) - set(INPUTS))
     if unknown:
         raise RequestError(f"unknown inputs {unknown}; known: {list(INPUTS)}")
     command = _scalar(inputs, "command", "str")
     if command is not None:
-        if command != "stats":
-            raise RequestError(f"unknown command {command!r}: the only command is 'stats'")
-        return ParsedRequest(None, "", False, (), command)
+        name, _, argument = command.strip().partition(" ")
+        if name not in COMMANDS:
+            raise RequestError(f"unknown command {command[:40]!r}: the commands are {', '.join(COMMANDS)}")
+        return ParsedRequest(None, "", False, (), name, argument.strip())
 
     text, ids = inputs.get("text_input"), inputs.get("input_ids")
     if text is None and ids is None:
@@ -141,6 +221,7 @@ def parse_request(inputs: dict, lm, params: dict) -> ParsedRequest:
     if text is not None and ids is not None:
         raise RequestError("give either text_input or input_ids, not both")
     if text is not None:
+        _text_bytes(inputs, "text_input", limits.max_prompt_bytes)
         prompt = _scalar(inputs, "text_input", "str")
         if not prompt.strip():
             raise RequestError("text_input is empty: the prompt needs at least one token")
@@ -155,7 +236,13 @@ def parse_request(inputs: dict, lm, params: dict) -> ParsedRequest:
             raise RequestError(f"input_ids must be an integer tensor, got dtype {arr.dtype}")
         if arr.size == 0:
             raise RequestError("input_ids is empty: the prompt needs at least one token")
+        if arr.size > limits.max_prompt_tokens:
+            raise RequestError(f"input_ids has {arr.size} tokens; this server takes prompts of at most "
+                               f"{limits.max_prompt_tokens} tokens")
         prompt_ids = lm.encode(arr.reshape(-1).tolist())
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        raise RequestError(f"the prompt is {len(prompt_ids)} tokens; this server takes prompts of at most "
+                           f"{limits.max_prompt_tokens} tokens (the model's positions and the KV page budget)")
 
     max_tokens = _scalar(inputs, "max_tokens", "int")
     if max_tokens is None:
@@ -172,8 +259,16 @@ def parse_request(inputs: dict, lm, params: dict) -> ParsedRequest:
         raise RequestError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
     block = _scalar(inputs, "block_length", "int")
     threshold = _scalar(inputs, "threshold", "float")
+    use_lora = _scalar(inputs, "use_lora", "bool")
+    # the same checks in every mode, also where the mode does not use the value
+    if block is not None and not 1 <= block <= limits.max_block_length:
+        raise RequestError(f"block_length must be an integer in 1 .. {limits.max_block_length} (this server's "
+                           f"max_block_length), got {block}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:  # NaN fails both comparisons
+        raise RequestError(f"threshold must be in [0, 1], got {threshold!r}")
     # block None: the checkpoint's block_size; threshold None: diffusion 0.9, spec 0.0
-    mode_cfg = mode_config(mode, lm.config.block_size, block, threshold)
+    mode_cfg = mode_config(mode, min(lm.config.block_size, limits.max_block_length), block, threshold,
+                           use_lora=True if use_lora is None else use_lora)
 
     temperature = _scalar(inputs, "temperature", "float")
     top_p = _scalar(inputs, "top_p", "float")
@@ -182,21 +277,17 @@ def parse_request(inputs: dict, lm, params: dict) -> ParsedRequest:
     sampling = SamplingParams(0.0 if temperature is None else temperature, 0 if top_k is None else top_k,
                               1.0 if top_p is None else top_p, seed)
 
-    stop_strings: list[str] = []
-    stop_ids: set[int] = set()
+    stop_strings: tuple[str, ...] = ()
+    stop_ids: frozenset[int] = frozenset()
     if inputs.get("stop") is not None:
-        for value in np.asarray(inputs["stop"]).reshape(-1):
-            s = _text(value, "stop")
-            if not s:
-                raise RequestError("stop strings must not be empty")
-            if lm.tokenizer is None:
-                raise RequestError("stop strings need a tokenizer; this model has none")
-            ids_ = lm.tokenizer.encode(s)
-            if len(ids_) == 1 and lm.tokenizer.decode(ids_) == s:
-                stop_ids.add(ids_[0])           # a single token: the engine stops on it exactly
-            else:
-                stop_strings.append(s)          # matched on the decoded text
+        # matched on the decoded text (runtime.stopping); by id only where exact: special tokens' contents
+        stop_strings = tuple(_text(value, "stop") for value in np.asarray(inputs["stop"]).reshape(-1))
+        if any(not s for s in stop_strings):
+            raise RequestError("stop strings must not be empty")
+        if lm.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this model has none")
+        stop_ids = special_stop_ids(lm.tokenizer, stop_strings)
     stream = _scalar(inputs, "stream", "bool")
     request = GenerationRequest(tuple(prompt_ids), max_tokens, mode_cfg, sampling,
                                 frozenset(lm.config.eos_token_ids) | frozenset(stop_ids))
-    return ParsedRequest(request, mode, True if stream is None else stream, tuple(stop_strings))
+    return ParsedRequest(request, mode, True if stream is None else stream, check_stop_strings(stop_strings))

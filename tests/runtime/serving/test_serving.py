@@ -171,7 +171,11 @@ def test_parse_defaults_and_modes(ckpt):
                        "seed": np.array([3], dtype=np.int64), "stop": np.array([b"w9", b"w10 w11"], dtype=object)},
                       lm, PARAMS)
     assert p.request.sampling.temperature == pytest.approx(0.7) and p.request.sampling.seed == 3
-    assert 9 in p.request.stop_token_ids and p.stop_strings == ("w10 w11",)
+    # stop strings are matched on the text, even when one token spells them; by id only for special tokens
+    assert 9 not in p.request.stop_token_ids and p.stop_strings == ("w9", "w10 w11")
+    special = lm.tokenizer.mask_token  # any special token: decoding skips it, so it is stopped on by id
+    p = parse_request({"input_ids": i32(5), "stop": np.array([special.encode()], dtype=object)}, lm, PARAMS)
+    assert p.request.stop_token_ids == frozenset(lm.config.eos_token_ids) | {lm.tokenizer.token_to_id(special)}
     assert parse_request({"command": s("stats")}, lm, PARAMS).command == "stats"
 
 

@@ -2,9 +2,12 @@
 
 Everything is written into a temporary sibling of the output directory (``.<name>.partial-<pid>``); the
 manifest is written last and the directory is then renamed into place, so a build killed at any point
-(SIGKILL included) leaves nothing at ``--out`` that the runtime accepts. ``--from-onnx DIR`` adds the
-TensorRT engines to a finished ONNX-stage directory on a GPU host: engines go to ``trt.partial-<pid>/``,
-are renamed to ``trt/``, and the manifest is replaced atomically last.
+(SIGKILL included) leaves nothing at ``--out`` that the runtime accepts. A build that fails (an error, an
+interrupt, SIGTERM through ``scripts/build_engine.py``) removes its temporary directory and the parent folders
+it created; only SIGKILL leaves the temporary directory, which the next build next to it removes. An ``--out``
+that overlaps ``--model`` (equal, or one inside the other) is refused before anything is written.
+``--from-onnx DIR`` adds the TensorRT engines to a finished ONNX-stage directory on a GPU host: engines go to
+``trt.partial-<pid>/``, are renamed to ``trt/``, and the manifest is replaced atomically last.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trimode import __version__
-from trimode.build.onnx_export import export_graphs, rank_dir_name
+from trimode.build.onnx_export import GRAPH_VERSION, export_graphs, rank_dir_name
 from trimode.build.plugin_ops import PLUGIN_NAMESPACE
 from trimode.build.recipes import RECIPES, get_recipe
 from trimode.build.targets import TARGETS, TargetError, get_target
-from trimode.build.trt_compile import LAYOUTS, build_engines, tensorrt_status
+from trimode.build.trt_compile import LAYOUTS, EngineBuildError, build_engines, tensorrt_status
 from trimode.runtime.executors.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineDirError, check_engine_dir,
                                                   checkpoint_hash, current_plugin_versions, file_entries,
                                                   read_manifest, write_manifest)
@@ -56,6 +59,7 @@ class BuildOptions:
     layout: str = "shared"
     calib_file: Path | None = None
     calib_text: str | None = None
+    calib_dataset: str | None = None  # a Hugging Face dataset NAME[:CONFIG] (needs `datasets` and its hub)
     calib_samples: int = 32
     calib_seq_len: int = 256
     quantize_head: bool = False
@@ -116,15 +120,48 @@ def check_model_dir(model: Path) -> None:
         raise BuildError(f"--model {model}: no *.safetensors weights")
 
 
+def check_out_dir(model: Path, out: Path) -> None:
+    """One-line error for an ``--out`` that overlaps ``--model``: the same directory, inside it (the checkpoint
+    copy would hold the engine directory being written) or holding it (replacing --out would delete the model).
+    Symbolic links are resolved first."""
+    m, o = model.resolve(), out.resolve()
+    if o == m:
+        raise BuildError(f"--out {out} is the --model directory; the engine directory must be a new directory "
+                         f"outside the checkpoint, e.g. --out {model.parent / (model.name + '-engine')}")
+    if o.is_relative_to(m):
+        raise BuildError(f"--out {out} is inside --model {model} (the build copies the checkpoint into the engine "
+                         f"directory); choose an --out outside it, e.g. {model.parent / (model.name + '-engine')}")
+    if m.is_relative_to(o):
+        raise BuildError(f"--model {model} is inside --out {out}, which the build would replace; choose an --out "
+                         f"that does not contain the checkpoint")
+
+
 def build_key(opts: BuildOptions, model_hash: str) -> dict[str, Any]:
     """What makes two builds the same build (an existing --out with the same key is up to date)."""
+    calibration = [opts.calib_file.name if opts.calib_file else None, opts.calib_text, opts.calib_samples,
+                   opts.calib_seq_len, opts.quantize_head] + ([opts.calib_dataset] if opts.calib_dataset else [])
     return {"model_hash": model_hash, "recipe": opts.recipe_name, "modes": sorted(opts.modes),
             "block_length": opts.block_length, "max_batch": opts.max_batch, "max_seq": opts.max_seq,
             "page_size": opts.page_size, "target": opts.target, "layout": opts.layout,
-            "calibration": None if not get_recipe(opts.recipe_name).quantizes else
-            [opts.calib_file.name if opts.calib_file else None, opts.calib_text, opts.calib_samples,
-             opts.calib_seq_len, opts.quantize_head],
+            "calibration": calibration if get_recipe(opts.recipe_name).quantizes else None,
+            "graph_version": GRAPH_VERSION,  # graphs written by other code are rebuilt
             **({"tp": opts.tp} if opts.tp > 1 else {})}  # (absent at tp 1: builds before --tp stay valid)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """``mkdir -p directory``; returns the folders it created, outermost first (removed again on failure)."""
+    missing = [p for p in [directory, *directory.parents] if not p.exists()][::-1]
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_created(tmp: Path, created: list[Path]) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there meanwhile: keep it
+            break
 
 
 def _remove_stale_partials(out: Path) -> None:
@@ -146,15 +183,23 @@ def _pid_alive(pid: int) -> bool:
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the build; returns the manifest. Raises ``BuildError`` (one line) for bad inputs."""
+    """Run the build; returns the manifest. Raises ``BuildError`` (one line) for bad inputs, before anything is
+    written; a build that fails later removes everything it wrote (module docstring)."""
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_model_dir(opts.model)
+    check_out_dir(opts.model, opts.out)
     try:
         check_tensor_parallel(load_config(opts.model), opts.tp)
     except TensorParallelConfigError as e:
         raise BuildError(f"--tp: {e}") from None
     recipe = get_recipe(opts.recipe_name)
-    kinds = kinds_for_modes(opts.modes)
+    if recipe.quantizes:
+        from trimode.build.calibration import CalibrationError, check_calibration_source
+
+        try:
+            check_calibration_source(opts.calib_file, opts.calib_text, opts.calib_dataset)
+        except CalibrationError as e:
+            raise BuildError(str(e)) from None
     t0 = time.perf_counter()
     say(f"[1/5] hashing {opts.model.name}/")
     model_hash = checkpoint_hash(opts.model)
@@ -163,10 +208,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
         try:
             existing = read_manifest(opts.out)
         except EngineDirError:
-            if any(opts.out.iterdir()):
+            if not opts.out.is_dir() or any(opts.out.iterdir()):
                 raise BuildError(f"--out {opts.out} exists and is not an engine directory (no valid manifest.json); "
                                  f"refusing to overwrite it") from None
-            opts.out.rmdir()
         else:
             if existing.get("build_key") == key:
                 say(f"{opts.out} is up to date (same model, recipe and settings): nothing to do")
@@ -177,10 +221,47 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
                                  f"another --out, delete it, or pass --overwrite")
             say(f"{opts.out} holds a different build (differs in: {', '.join(diff)}): replacing it once the new "
                 f"one is complete (--overwrite)")
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(opts.out.parent)
     _remove_stale_partials(opts.out)
     tmp = opts.out.parent / f".{opts.out.name}.partial-{os.getpid()}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        manifest = _build_into(tmp, opts, recipe, model_hash, key, say)
+        manifest["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+        manifest["files"] = file_entries(tmp)
+        write_manifest(tmp, manifest)
+        _move_into_place(tmp, opts.out)
+    except BaseException:
+        _remove_created(tmp, created)
+        raise
+    if manifest["tensorrt"] is None:
+        say(f"ONNX stage complete in {opts.out}. TensorRT could not run here ({tensorrt_status(opts.target)[1]}). "
+            f"To finish on a GPU host with TensorRT 11: python scripts/build_engine.py --from-onnx {opts.out}")
+    return manifest
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` (an empty folder, or a different build under
+    --overwrite) stays valid until this point and comes back if the rename fails."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(tmp: Path, opts: BuildOptions, recipe: Any, model_hash: str, key: dict[str, Any],
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """Stages 2-4 into the temporary directory ``tmp``; returns the manifest (without ``files``)."""
+    kinds = kinds_for_modes(opts.modes)
     seconds: dict[str, float] = {}
     quant_summary: dict[str, Any] | None = None
     t = time.perf_counter()
@@ -191,7 +272,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
         try:
             quant_summary = run_in_subprocess(opts.model, recipe.name, tmp / "checkpoint", opts.calib_file,
                                               opts.calib_text, opts.calib_samples, opts.calib_seq_len,
-                                              opts.quantize_head, opts.progress)
+                                              opts.quantize_head, opts.progress, opts.calib_dataset)
         except RuntimeError as e:
             raise BuildError(str(e)) from None
     else:
@@ -233,7 +314,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
         "tools": tool_versions(), "tensorrt": None, "build_key": key,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
-    usable, reason = tensorrt_status()
+    usable, reason = tensorrt_status(opts.target)
     if usable:
         say("[4/5] TensorRT: compiling engines")
         t = time.perf_counter()
@@ -243,23 +324,12 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
     else:
         say(f"[4/5] TensorRT stage skipped: {reason}")
     say("[5/5] writing manifest.json (content hashes) and moving the directory into place")
-    manifest["seconds"]["total"] = round(time.perf_counter() - t0, 2)
-    manifest["files"] = file_entries(tmp)
-    write_manifest(tmp, manifest)
-    if opts.out.exists():  # --overwrite of a different build: the old one stays valid until this point
-        old = opts.out.parent / f".{opts.out.name}.replaced-{os.getpid()}"
-        os.rename(opts.out, old)
-        os.rename(tmp, opts.out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, opts.out)
-    if not usable:
-        say(f"ONNX stage complete in {opts.out}. TensorRT could not run here ({reason}). To finish on a GPU host "
-            f"with TensorRT 11: python scripts/build_engine.py --from-onnx {opts.out}")
     return manifest
 
 
 def _compile(root: Path, manifest: dict[str, Any], layout: str) -> dict[str, Any]:
+    if TARGETS[manifest["target"]].flavour == "tensorrt-rtx":  # built ahead of time, no GPU involved
+        return _build_all_ranks(root, root / "trt", manifest, layout)
     import torch
 
     arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
@@ -272,15 +342,21 @@ def _compile(root: Path, manifest: dict[str, Any], layout: str) -> dict[str, Any
 def _build_all_ranks(root: Path, trt_dir: Path, manifest: dict[str, Any], layout: str) -> dict[str, Any]:
     """One engine set per rank's graph set (``trt/`` at tp 1, ``trt/rank<r>/`` under --tp)."""
     shapes, section = manifest["shapes"], manifest.get("tensor_parallel", tensor_parallel_section(1))
-    if section["size"] == 1:
-        return build_engines(root / "onnx", trt_dir, list(manifest["engine_kinds"]), shapes, shapes["num_layers"],
-                             layout)
-    ranks = []
-    for graphs in section["graph_dirs"]:
-        sub = Path(graphs).name
-        ranks.append(build_engines(root / graphs, trt_dir / sub, list(manifest["engine_kinds"]), shapes,
-                                   shapes["num_layers"], layout, plan_prefix=f"trt/{sub}/", num_ranks=section["size"]))
-    return {"layout": layout, "version": ranks[0]["version"], "ranks": ranks}
+    target = {"target": manifest["target"], "recipe": manifest["recipe"]["name"]}  # flavour, compute capabilities
+    try:
+        if section["size"] == 1:
+            return build_engines(root / "onnx", trt_dir, list(manifest["engine_kinds"]), shapes,
+                                 shapes["num_layers"], layout, **target)
+        ranks = []
+        for graphs in section["graph_dirs"]:
+            sub = Path(graphs).name
+            ranks.append(build_engines(root / graphs, trt_dir / sub, list(manifest["engine_kinds"]), shapes,
+                                       shapes["num_layers"], layout, plan_prefix=f"trt/{sub}/",
+                                       num_ranks=section["size"], **target))
+    except EngineBuildError as e:
+        raise BuildError(str(e)) from None
+    return {"layout": layout, "flavour": ranks[0]["flavour"], "version": ranks[0]["version"],
+            "compute_capabilities": ranks[0]["compute_capabilities"], "ranks": ranks}
 
 
 def tensor_parallel_section(tp: int) -> dict[str, Any]:
@@ -299,13 +375,17 @@ def finish_from_onnx(engine_dir: Path, layout: str = "shared", log: Callable[[st
     """The TensorRT stage for a finished ONNX-stage engine directory (on a GPU host)."""
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     manifest = check_engine_dir(engine_dir)
-    usable, reason = tensorrt_status()
+    usable, reason = tensorrt_status(manifest["target"])
     if not usable:
         raise BuildError(f"--from-onnx {engine_dir}: TensorRT cannot run here: {reason}")
     tmp = engine_dir / f"trt.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     say(f"TensorRT: compiling {', '.join(manifest['engine_kinds'])} ({layout} layout)")
-    section = _build_all_ranks(engine_dir, tmp, manifest, layout)
+    try:
+        section = _build_all_ranks(engine_dir, tmp, manifest, layout)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed TensorRT stage leaves the ONNX-stage directory as it was
+        raise
     final = engine_dir / "trt"
     if final.exists():
         shutil.rmtree(final)

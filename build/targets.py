@@ -1,15 +1,22 @@
-"""GPU targets of the engine build by name (``--target``): ``hopper``, ``blackwell``, ``spark``.
+"""GPU targets of the engine build by name (``--target``): ``hopper``, ``blackwell``, ``spark``, ``rtx``.
 
-The one table of what a target is: the CUDA architecture its TensorRT engines are built for (engines run only
-on that architecture), the memory per GPU the build's memory budget assumes, and the rules the build enforces.
+The one table of what a target is: the TensorRT flavour that builds its engines, the compute capabilities the
+engines are built for (engines run only there), the memory per GPU the build's memory budget assumes, and the
+rules the build enforces.
 
-| target      | device    | arch     | memory per GPU       | reserve | recipe                 | --tp   |
-|-------------|-----------|----------|----------------------|---------|------------------------|--------|
-| `hopper`    | H100      | `sm_90`  | 80 GiB               | 2 GiB   | any (default `none`)   | any    |
-| `blackwell` | B200      | `sm_100` | 180 GiB              | 2 GiB   | any (default `none`)   | any    |
-| `spark`     | DGX Spark | `sm_121` | 128 GiB, unified     | 16 GiB  | `w4a16` only (default) | 1      |
+| target      | device          | TensorRT     | compute capabilities     | memory per GPU  | reserve | recipes | --tp |
+|-------------|-----------------|--------------|--------------------------|-----------------|---------|---------|------|
+| `hopper`    | H100            | TensorRT 11  | SM90                     | 80 GiB          | 2 GiB   | any     | any  |
+| `blackwell` | B200            | TensorRT 11  | SM100                    | 180 GiB         | 2 GiB   | any     | any  |
+| `spark`     | DGX Spark GB10  | TensorRT-RTX | SM121                    | 128 GiB unified | 16 GiB  | any     | 1    |
+| `rtx`       | RTX GPUs, Spark | TensorRT-RTX | SM86, SM89, SM120, SM121 | 24 GiB          | 2 GiB   | no FP8  | 1    |
 
-``--gpu-gb`` overrides the memory for the budget only; ``memory_gb`` is the default.
+The default recipe is `w4a16` for `spark` and `none` elsewhere.
+
+TensorRT-RTX builds without a GPU (ahead of time; specialised on the GPU at load time); TensorRT 11 builds on
+the GPU it targets. ``rtx`` is one portable plan for every listed GPU, so a recipe one of them cannot run is
+refused by the builder: FP8 (``fp8``, ``fp8-kv``) needs SM89 or newer and SM86 is in the list. ``--gpu-gb``
+overrides the memory for the budget only; ``memory_gb`` is the default (24 GiB: an RTX 3090 / 4090).
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ class Target:
     slack; on unified memory also the OS and the CPU side). ``unified_memory``: CPU and GPU share
     ``memory_gb`` (one memory, not a discrete GPU's). ``default_recipe``: the quantization recipe when
     ``--quant`` is not given. ``recipes``: the recipes it builds, or None for any. ``max_tp``: the most
-    tensor-parallel ranks (GPUs) it has, or None for no limit.
+    tensor-parallel ranks (GPUs) it has, or None for no limit. ``flavour``: the TensorRT that builds and runs
+    its engines ("tensorrt" = TensorRT 11, "tensorrt-rtx"; ``plugins/tensorrt_libs.py``).
+    ``compute_capabilities``: what its plans are built for, as ``SM<major><minor>`` (TensorRT-RTX's
+    ``ComputeCapability`` names; for TensorRT 11 the build GPU's architecture, which must be this one).
     """
 
     name: str
@@ -44,6 +54,8 @@ class Target:
     default_recipe: str = "none"
     recipes: tuple[str, ...] | None = None
     max_tp: int | None = None
+    flavour: str = "tensorrt"
+    compute_capabilities: tuple[str, ...] = ()
 
     def check(self, recipe: str | None, tp: int) -> None:
         """Raise TargetError (one line) if this target cannot build ``recipe`` (None: the default) at ``tp``."""
@@ -57,10 +69,12 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("hopper", "H100", "sm_90", 80.0),
-    Target("blackwell", "B200", "sm_100", 180.0),
+    Target("hopper", "H100", "sm_90", 80.0, compute_capabilities=("SM90",)),
+    Target("blackwell", "B200", "sm_100", 180.0, compute_capabilities=("SM100",)),
     Target("spark", "DGX Spark", "sm_121", 128.0, reserve_gb=16.0, unified_memory=True, default_recipe="w4a16",
-           recipes=("w4a16",), max_tp=1),
+           max_tp=1, flavour="tensorrt-rtx", compute_capabilities=("SM121",)),
+    Target("rtx", "RTX GPU", "sm_86", 24.0, max_tp=1, flavour="tensorrt-rtx",
+           compute_capabilities=("SM86", "SM89", "SM120", "SM121")),
 )}
 
 

@@ -119,3 +119,4 @@ def compile_ptx(kernel: Any, signature: dict[str, str], constexprs: dict[str, An
     assert meta.global_scratch_size == 0 and getattr(meta, "profile_scratch_size", 0) == 0, \
         f"{meta.name} uses Triton scratch memory, which TensorRT's AOT launcher does not provide"
     return meta.name, compiled.asm["ptx"], meta.num_warps * 32, meta.shared
+

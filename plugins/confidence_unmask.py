@@ -13,8 +13,9 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, check, check_launch, compile_ptx, next_pow2, tl, \
-    torch_dtype_of, triton
+from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, check, check_launch, compile_ptx, \
+    next_pow2, tl, torch_dtype_of, triton
+from trimode.plugins.signatures import autotune_io
 
 PLUGIN_ID = "trimode::confidence_unmask"
 POLICIES = ("threshold", "topk", "leftmost")
@@ -202,7 +203,7 @@ def register_tensorrt_plugin() -> None:
     @trtp.autotune(PLUGIN_ID)
     def _autotune(logits: trtp.TensorDesc, is_masked: trtp.TensorDesc,
                   outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination("FP32|FP16|BF16, BOOL, INT32, FP32", "LINEAR", list(TACTICS))]
+        return [trtp.AutoTuneCombination(autotune_io("confidence_unmask"), "LINEAR", list(TACTICS))]
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(logits: trtp.TensorDesc, is_masked: trtp.TensorDesc, mask_token_id: int,

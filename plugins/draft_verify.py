@@ -17,8 +17,9 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, check, check_launch, compile_ptx, next_pow2, tl, \
-    torch_dtype_of, triton
+from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, check, check_launch, compile_ptx, \
+    next_pow2, tl, torch_dtype_of, triton
+from trimode.plugins.signatures import autotune_io
 
 PLUGIN_ID = "trimode::draft_verify"
 SAMPLING_PLUGIN_ID = "trimode::draft_verify_sampling"
@@ -284,7 +285,7 @@ def register_tensorrt_plugin() -> None:
     @trtp.autotune(PLUGIN_ID)
     def _autotune(draft_tokens: trtp.TensorDesc, target_logits: trtp.TensorDesc, draft_lens: trtp.TensorDesc,
                   outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination("INT32, FP32|FP16|BF16, INT32, INT32, INT32", "LINEAR", list(TACTICS))]
+        return [trtp.AutoTuneCombination(autotune_io("draft_verify"), "LINEAR", list(TACTICS))]
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(draft_tokens: trtp.TensorDesc, target_logits: trtp.TensorDesc, draft_lens: trtp.TensorDesc,
@@ -308,8 +309,7 @@ def register_tensorrt_plugin() -> None:
     def _autotune_sampling(draft_tokens: trtp.TensorDesc, draft_lens: trtp.TensorDesc,
                            draft_probs: trtp.TensorDesc, target_probs: trtp.TensorDesc, uniforms: trtp.TensorDesc,
                            outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        io = "INT32, INT32, FP32|FP16|BF16, FP32|FP16|BF16, FP32, INT32, INT32"
-        return [trtp.AutoTuneCombination(io, "LINEAR", list(TACTICS))]
+        return [trtp.AutoTuneCombination(autotune_io("draft_verify_sampling"), "LINEAR", list(TACTICS))]
 
     @trtp.aot_impl(SAMPLING_PLUGIN_ID)
     def _aot_sampling(draft_tokens: trtp.TensorDesc, draft_lens: trtp.TensorDesc, draft_probs: trtp.TensorDesc,

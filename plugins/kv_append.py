@@ -10,8 +10,9 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, KernelArgumentError, check, check_launch, compile_ptx, \
-    next_pow2, tl, torch_dtype_of, triton
+from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, KernelArgumentError, check, check_launch, \
+    compile_ptx, next_pow2, tl, torch_dtype_of, triton
+from trimode.plugins.signatures import autotune_io
 
 PLUGIN_ID = "trimode::kv_append"
 
@@ -123,8 +124,6 @@ def register_tensorrt_plugin() -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    floats = "FP32|FP16|BF16"
-
     @trtp.register(PLUGIN_ID)
     def _desc(k_new: trtp.TensorDesc, v_new: trtp.TensorDesc, k_pool: trtp.TensorDesc, v_pool: trtp.TensorDesc,
               slot_mapping: trtp.TensorDesc) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
@@ -134,8 +133,7 @@ def register_tensorrt_plugin() -> None:
     def _autotune(k_new: trtp.TensorDesc, v_new: trtp.TensorDesc, k_pool: trtp.TensorDesc,
                   v_pool: trtp.TensorDesc, slot_mapping: trtp.TensorDesc,
                   outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        io = ", ".join([floats] * 4 + ["INT64"] + [floats] * 2)
-        return [trtp.AutoTuneCombination(io, "LINEAR", list(TACTICS))]
+        return [trtp.AutoTuneCombination(autotune_io("kv_append"), "LINEAR", list(TACTICS))]
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(k_new: trtp.TensorDesc, v_new: trtp.TensorDesc, k_pool: trtp.TensorDesc, v_pool: trtp.TensorDesc,

@@ -17,8 +17,8 @@ import torch
 
 from trimode.runtime.engine import Engine
 from trimode.runtime.executors.base import Executor, make_executor
-from trimode.runtime.executors.engine_dir import (EngineMismatch, check_engine_dir, engine_checkpoint,
-                                                  tensor_parallel_size)
+from trimode.runtime.executors.engine_dir import (EngineDirError, EngineLimits, EngineMismatch, check_engine_dir,
+                                                  engine_checkpoint, engine_limits, tensor_parallel_size)
 from trimode.runtime.kv_cache import PagedKVCache
 from trimode.runtime.model.checkpoint import load_config, load_model, load_tokenizer
 from trimode.runtime.model.network import NLDModel, on_meta_device
@@ -48,11 +48,12 @@ class Runtime:
 
 
 def build_runtime(model: NLDModel, tokenizer: Tokenizer | None = None, settings: RuntimeSettings = DEFAULTS,
-                  executor: str | ExecutorFactory | None = None) -> Runtime:
+                  executor: str | ExecutorFactory | None = None, limits: EngineLimits | None = None) -> Runtime:
     """A runtime over ``model``: a page pool of ``settings.num_pages`` x ``settings.page_size`` tokens for the
     KV heads this process holds (all of them, or its share under tensor parallelism), in the model's dtype and
     on its device; the executor named ``executor`` (default ``settings.executor``) or made by the factory
-    ``executor(model, cache)``; a decoding loop of ``settings.max_batch_size`` sequences."""
+    ``executor(model, cache)``; a decoding loop of ``settings.max_batch_size`` sequences that admits requests
+    within ``limits`` (an engine directory's; None: the model's positions and the pool only)."""
     cfg = model.config
     param = next(model.parameters())
     num_kv_heads = model.encoder.layers[0].self_attn.hkv
@@ -65,8 +66,23 @@ def build_runtime(model: NLDModel, tokenizer: Tokenizer | None = None, settings:
         kwargs = settings.executor_kwargs if executor == settings.executor else {}
         ex = make_executor(executor, model=model, cache=cache, **kwargs)
         settings = settings.with_(executor=executor)
-    engine = Engine(ex, cfg.mask_token_id, cfg.max_position_embeddings, settings.max_batch_size)
+    engine = Engine(ex, cfg.mask_token_id, cfg.max_position_embeddings, settings.max_batch_size, limits)
     return Runtime(model, tokenizer, cache, ex, engine, settings)
+
+
+def settings_within(settings: RuntimeSettings, limits: EngineLimits) -> RuntimeSettings:
+    """``settings`` sized by an engine directory's build-time limits: the page size it was built for, and
+    ``num_pages`` / ``max_batch_size`` left at their defaults become its ``max_pages_total`` / ``max_batch``;
+    values set above them are refused (``EngineMismatch`` naming the manifest field)."""
+    changes = {"page_size": limits.page_size}
+    for name, limit, where in (("num_pages", limits.max_pages, "shapes.max_pages_total"),
+                               ("max_batch_size", limits.max_batch, "shapes.max_batch")):
+        value = getattr(settings, name)
+        if value == getattr(DEFAULTS, name):
+            changes[name] = limit
+        elif value > limit:
+            raise EngineMismatch(where, limit, value, Path(limits.source))
+    return settings.with_(**changes)
 
 
 def from_checkpoint(path: str | Path, settings: RuntimeSettings = DEFAULTS, dtype: str | torch.dtype | None = None,
@@ -77,7 +93,16 @@ def from_checkpoint(path: str | Path, settings: RuntimeSettings = DEFAULTS, dtyp
     return build_runtime(model, load_tokenizer(path, model.config), settings)
 
 
-def _placeholder_model(checkpoint: Path, tp: int = 1) -> NLDModel:
+def engine_executor(directory: str | Path) -> str:
+    """The executor ``executor="auto"`` picks for an engine directory: "tensorrt" when its TensorRT plans can run in
+    this process (``trt_executor.tensorrt_runnable``: plans present, their TensorRT flavour and version installed,
+    a CUDA GPU among their targets), else "onnxruntime" (the reference-form graphs, any CPU)."""
+    from trimode.runtime.executors.trt_executor import tensorrt_runnable
+
+    return "tensorrt" if tensorrt_runnable(directory)[0] else "onnxruntime"
+
+
+def _placeholder_model(checkpoint: Path, tp: int = 1, device: str = "cpu") -> NLDModel:
     """An ``NLDModel`` of the checkpoint's config whose tensors are allocated but never written or read: what a
     runtime needs (config, dtype, device, the KV heads this rank holds) when an engine executor computes
     (untouched pages stay non-resident)."""
@@ -85,21 +110,27 @@ def _placeholder_model(checkpoint: Path, tp: int = 1) -> NLDModel:
         model = NLDModel(load_config(checkpoint))
     for layer in model.encoder.layers:
         layer.self_attn.hkv //= tp  # the pool holds this rank's share of the KV heads
-    return model.to_empty(device="cpu").float().eval()
+    return model.to_empty(device=device).float().eval()
 
 
 def from_engine_dir(directory: str | Path, executor: str = "onnxruntime", settings: RuntimeSettings = DEFAULTS,
                     page_size: int | None = None, **executor_kwargs) -> Runtime:
     """The runtime of an engine directory: the manifest is checked first (a mismatch with ``page_size``, when
-    given, is refused with ``EngineMismatch``; a damaged directory with ``EngineDirError``), the pool takes the
-    page size the engines were built for, then ``executor`` runs it: "onnxruntime" (the reference-form graphs)
-    or "torch" (the engine's checkpoint, dequantized if quantized: the baseline the engines are compared
-    with). A ``--tp`` build is refused here (``from_engine_dir_tensor_parallel`` runs it)."""
+    given, is refused with ``EngineMismatch``; a damaged directory with ``EngineDirError``), the runtime is sized
+    and admits requests by the engines' build-time limits (``settings_within``, ``Engine.check_request``: the
+    same whatever the executor, so what runs here would run on the TensorRT engines), then ``executor`` runs
+    it: "tensorrt" (the TensorRT plans, either flavour, on a CUDA GPU), "onnxruntime" (the reference-form
+    graphs), "torch" (the engine's checkpoint, dequantized if quantized: the baseline the engines are compared
+    with) or "auto" (``engine_executor``: tensorrt where it can run, else onnxruntime). A ``--tp`` build is
+    refused here (``from_engine_dir_tensor_parallel`` runs it)."""
     directory = Path(directory)
+    if executor == "auto":
+        executor = engine_executor(directory)
     manifest = check_engine_dir(directory, page_size=page_size)
     if tensor_parallel_size(manifest) != 1:
         raise EngineMismatch("tensor_parallel.size", tensor_parallel_size(manifest), 1, directory)
-    settings = settings.with_(page_size=manifest["shapes"]["page_size"], executor=executor)
+    limits = engine_limits(manifest, directory)
+    settings = settings_within(settings, limits).with_(executor=executor)
     ckpt = engine_checkpoint(directory)
     if executor == "torch":
         model, factory = load_model(ckpt), None
@@ -107,16 +138,30 @@ def from_engine_dir(directory: str | Path, executor: str = "onnxruntime", settin
         model = _placeholder_model(ckpt)
 
         def factory(model: NLDModel, cache: PagedKVCache) -> Executor:
-            return make_executor("onnxruntime", engine_dir=directory, cache=cache, check=False, **executor_kwargs)
+            return make_executor("onnxruntime", engine_dir=directory, cache=cache, check=False,
+                                 **{**settings.executor_kwargs, **executor_kwargs})
+    elif executor == "tensorrt":
+        from trimode.runtime.executors.trt_executor import tensorrt_runnable
+
+        runnable, why = tensorrt_runnable(directory)
+        if not runnable:
+            raise EngineDirError(f"the tensorrt executor cannot run {directory} in this process: {why} "
+                                 f"(executor 'onnxruntime' runs its reference graphs on any CPU)")
+        model = _placeholder_model(ckpt, device="cuda")  # the pool lives on the GPU the plans run on
+
+        def factory(model: NLDModel, cache: PagedKVCache) -> Executor:
+            return make_executor("tensorrt", engine_dir=directory, cache=cache, check=False, **executor_kwargs)
     else:
-        raise ValueError(f"executor {executor!r} cannot run an engine directory; use 'onnxruntime' or 'torch'")
-    rt = build_runtime(model, load_tokenizer(ckpt, model.config), settings, factory)
+        raise ValueError(f"executor {executor!r} cannot run an engine directory; use 'auto', 'tensorrt', "
+                         f"'onnxruntime' or 'torch'")
+    rt = build_runtime(model, load_tokenizer(ckpt, model.config), settings, factory, limits)
     rt.engine_manifest = manifest
     return rt
 
 
 def rank_runtime(model: NLDModel, comm: TPComm, make_inner: ExecutorFactory, tokenizer_dir: str | Path,
-                 settings: RuntimeSettings = DEFAULTS) -> Runtime | TensorParallelWorker:
+                 settings: RuntimeSettings = DEFAULTS,
+                 limits: EngineLimits | None = None) -> Runtime | TensorParallelWorker:
     """This rank's runtime over ``model`` (its shard, or a placeholder whose config and KV heads an engine
     executor uses): rank 0 a ``Runtime`` whose executor broadcasts each step before running
     ``make_inner(model, cache)``, the other ranks a ``TensorParallelWorker`` on a mirrored pool; then every rank
@@ -124,7 +169,7 @@ def rank_runtime(model: NLDModel, comm: TPComm, make_inner: ExecutorFactory, tok
     cfg = model.config
     if comm.is_leader:
         rt = build_runtime(model, load_tokenizer(tokenizer_dir, cfg), settings,
-                           lambda model, cache: TensorParallelExecutor(make_inner(model, cache), comm))
+                           lambda model, cache: TensorParallelExecutor(make_inner(model, cache), comm), limits)
         cache = rt.cache
     else:
         p = next(model.parameters())
@@ -160,11 +205,12 @@ def from_engine_dir_tensor_parallel(directory: str | Path, comm: TPComm, setting
     if tp != comm.world_size:
         raise EngineMismatch("tensor_parallel.size", tp, comm.world_size, directory)
     ckpt = engine_checkpoint(directory)
-    settings = settings.with_(page_size=manifest["shapes"]["page_size"])
+    limits = engine_limits(manifest, directory)
+    settings = settings_within(settings, limits)
     loaded = rank_runtime(_placeholder_model(ckpt, tp), comm,
                           lambda model, cache: make_executor("onnxruntime", engine_dir=directory, cache=cache,
                                                              check=False, comm=comm, **executor_kwargs),
-                          ckpt, settings)
+                          ckpt, settings, limits)
     if comm.is_leader:
         loaded.engine_manifest = manifest
     return loaded

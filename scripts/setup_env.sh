@@ -21,6 +21,11 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "[setup] installing torch (CPU build)" >&2
     "${pip[@]}" install "torch==2.13.0"
 fi
-echo "[setup] installing trimode and its dependencies" >&2
+echo "[setup] installing trimode and its dependencies (TensorRT-RTX included: the [tensorrt-rtx] extra)" >&2
 "${pip[@]}" install -e "$root[dev]"
+# TensorRT-RTX's builder runs on CPU: the default test run builds real engines with it (--target spark / rtx).
+# Its loader fix (libtensorrt_rtx.so) is made by trimode itself at build time (plugins/tensorrt_libs.py).
+if ! "$venv/bin/python" -c "import tensorrt_rtx_bindings" >/dev/null 2>&1; then
+    echo "[setup] warning: TensorRT-RTX does not import here; the TensorRT-RTX tests will be skipped" >&2
+fi
 echo "$want" > "$stamp"

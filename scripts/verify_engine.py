@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from trimode.build.trt_compile import tensorrt_status
+from trimode.plugins import tensorrt_libs
+from trimode.runtime.executors.trt_executor import tensorrt_runnable
 from trimode.runtime.executors.engine_dir import EngineDirError, engine_checkpoint, read_manifest
 from trimode.runtime.model.checkpoint import load_model
 
@@ -60,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--engine", type=Path)
     p.add_argument("--quant", default="none")
+    p.add_argument("--target", default="hopper", help="build target (spark / rtx: TensorRT-RTX; hopper / blackwell)")
     p.add_argument("--executor", choices=["tensorrt", "onnxruntime"], default=None)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--block-length", type=int, default=8)
     p.add_argument("--min-agreement", type=float, default=0.9)
     a = p.parse_args(argv)
-    usable, reason = tensorrt_status()
+    tensorrt_libs.reexec_with_loader_path()  # TensorRT-RTX plugin engines: libtensorrt_rtx.so on the loader path
+    usable, reason = tensorrt_runnable(a.engine) if a.engine else tensorrt_status(a.target)
     executor = a.executor or ("tensorrt" if usable else "onnxruntime")
     if executor == "tensorrt" and not usable:
         print(f"error: TensorRT cannot run here: {reason}", file=sys.stderr)
@@ -77,14 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.engine is None:
         build = [sys.executable, str(Path(__file__).with_name("build_engine.py")), "--model", str(a.model), "--out",
-                 str(a.out), "--quant", a.quant, "--block-length", str(a.block_length), "--page-size", "16"]
+                 str(a.out), "--quant", a.quant, "--block-length", str(a.block_length), "--page-size", "16",
+                 "--target", a.target]
         if subprocess.run(build).returncode != 0:
             return 2
     try:
         manifest = read_manifest(engine)
         device = "cuda" if executor == "tensorrt" else "cpu"
+        from trimode.runtime.api import TriModeLM
         if executor == "tensorrt":
-            from trimode.runtime.api import TriModeLM
             from trimode.runtime.model.checkpoint import load_tokenizer
             from trimode.runtime.executors.trt_executor import TensorRTExecutor
 

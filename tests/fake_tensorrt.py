@@ -1,5 +1,8 @@
-"""A stand-in for ``tensorrt`` / ``tensorrt.plugin`` (which cannot be installed here), just enough to run the
-plugins' ``register_tensorrt_plugin`` functions and call what they register with concrete shapes.
+"""A stand-in for TensorRT 11's ``tensorrt`` / ``tensorrt.plugin`` (which cannot be installed here), just enough to
+run the plugins' ``register_tensorrt_plugin`` functions (the QDP / AOT form, TensorRT 11 only) and call what they
+register with concrete shapes; tests/builder/test_build_engine_dir.py adds a builder to it for the TensorRT 11
+stage (hopper / blackwell). Used only where no real builder can run: everything TensorRT-RTX can do on CPU
+(parse, build, plugin classes, plan headers) is tested with the real TensorRT-RTX (tests/builder/test_tensorrt_rtx.py).
 
 It mirrors the checks of TensorRT's own ``tensorrt.plugin`` validation that can fail silently elsewhere: tensor
 arguments annotated ``TensorDesc`` before typed attributes; the autotune and aot_impl parameter lists

@@ -58,7 +58,7 @@ def generate_tensor_parallel(args, generate_with) -> int:
     where = "" if comm.is_leader else f"(rank {comm.rank}) "
     try:
         if getattr(args, "engine", None):  # a `build_engine.py --tp N` directory: each rank runs its graph set
-            if args.executor != "onnxruntime":
+            if args.executor not in ("auto", "onnxruntime"):
                 raise TensorParallelConfigError(f"--engine with --tp runs each rank's graphs with the onnxruntime "
                                                 f"executor, not {args.executor!r}")
             loaded = TriModeLM.from_engine(args.engine, comm=comm,

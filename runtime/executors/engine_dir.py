@@ -10,7 +10,8 @@ at ``DIR``: a directory without a valid manifest is refused.
 
 ``check_engine_dir`` refuses, with a message naming the field, a directory whose manifest does not match what
 the caller runs with (model hash, page size, block length, plugin versions) or whose files do not match their
-recorded sizes / hashes.
+recorded sizes / hashes. ``engine_limits`` reads what the engines were built to hold (batch, sequence length,
+pages, tokens per forward of each engine kind, modes): the runtime sizes itself and admits requests by them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trimode.plugins import PLUGIN_VERSIONS
+from trimode.runtime.executors.engine_kinds import MODE_KINDS, token_range
 
 MANIFEST = "manifest.json"
 FORMAT = "trimode-engine"
@@ -157,3 +160,57 @@ def graph_dir(manifest: dict[str, Any], rank: int = 0) -> str:
 
 def engine_checkpoint(directory: str | Path) -> Path:
     return Path(directory) / "checkpoint"
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What an engine directory's engines were built to hold (its manifest's ``shapes``, ``modes`` and
+    ``engine_kinds``): at most ``max_batch`` sequences per forward, ``max_seq`` positions per sequence,
+    ``max_pages`` pages of ``page_size`` tokens in the pool, and ``max_tokens[kind]`` new tokens in one forward
+    of each engine kind (the maximum of its TensorRT optimization profile, ``engine_kinds.token_range``);
+    ``block_length`` is the block the profiles are tuned for (the default block of requests), ``modes`` the
+    modes whose engine kinds were built. ``source`` names the directory in messages."""
+
+    source: str
+    modes: tuple[str, ...]
+    max_batch: int
+    max_seq: int
+    block_length: int
+    page_size: int
+    max_pages: int
+    max_tokens: dict[str, int]
+
+
+def engine_limits(manifest: dict[str, Any], directory: str | Path) -> EngineLimits:
+    """The build-time limits of an engine directory, from its (checked) manifest. Raises ``EngineDirError``
+    naming a missing ``shapes`` field."""
+    shapes = manifest.get("shapes", {})
+    missing = [k for k in ("max_batch", "max_seq", "block_length", "page_size") if not isinstance(shapes.get(k), int)]
+    if missing:
+        raise EngineDirError(f"engine directory {directory}: manifest shapes lack {missing}")
+    b, s, blk = shapes["max_batch"], shapes["max_seq"], shapes["block_length"]
+    pages = int(shapes.get("max_pages_total") or b * -(-s // shapes["page_size"]))
+    kinds = list(manifest.get("engine_kinds", {})) or list(dict.fromkeys(k for m in MODE_KINDS.values() for k in m))
+    return EngineLimits(str(directory), tuple(manifest.get("modes", MODE_KINDS)), b, s, blk, shapes["page_size"],
+                        pages, {k: token_range(k, b, s, blk)[2] for k in kinds})
+
+
+def check_tensorrt(manifest: dict[str, Any], directory: str | Path, *, flavour: str, version: str | None,
+                   compute_capability: str | None = None) -> dict[str, Any]:
+    """The manifest's ``tensorrt`` section, after checking it against the TensorRT that is to load its plans:
+    ``flavour`` ("tensorrt" = TensorRT 11, or "tensorrt-rtx"), its ``version`` (plans load only in the release
+    that built them: major.minor.patch must match) and the GPU's ``compute_capability`` ("SM121"; None: not
+    checked), which must be one of the section's ``compute_capabilities``. Raises ``EngineMismatch`` naming the
+    field, what the engines were built for and what is running; ``EngineDirError`` if there are no engines."""
+    section = manifest.get("tensorrt")
+    if not section:
+        raise EngineDirError(f"engine directory {directory} has no TensorRT engines (stage {manifest.get('stage')!r})")
+    built = section.get("flavour", "tensorrt")  # builds before TensorRT-RTX were TensorRT 11's
+    if built != flavour:
+        raise EngineMismatch("tensorrt.flavour", built, flavour, Path(directory))
+    if version is not None and str(section.get("version", "")).split(".")[:3] != str(version).split(".")[:3]:
+        raise EngineMismatch("tensorrt.version", section.get("version"), version, Path(directory))
+    targets = section.get("compute_capabilities")
+    if compute_capability is not None and targets is not None and compute_capability not in targets:
+        raise EngineMismatch("tensorrt.compute_capabilities", targets, compute_capability, Path(directory))
+    return section

@@ -1,6 +1,7 @@
 """#5 engine directories: manifest contents, refusal of mismatches and modified files, a SIGKILLed build leaving
-nothing the runtime accepts, one-line errors of scripts/build_engine.py, the Spark budget, and the TensorRT
-stage's control flow against a stand-in ``tensorrt`` (the real one cannot be installed here)."""
+nothing the runtime accepts, one-line errors of scripts/build_engine.py, the Spark budget, and the TensorRT 11
+stage's control flow (hopper / blackwell targets) against a stand-in ``tensorrt``: TensorRT 11 cannot be
+installed here. The TensorRT-RTX stage (spark / rtx) runs the real builder: tests/builder/test_tensorrt_rtx.py."""
 
 from __future__ import annotations
 
@@ -115,8 +116,8 @@ def test_build_errors_are_one_line(tmp_path, checkpoints, capsys):
         (["--model", checkpoints["gqa2-yarn-lora"], "--out", str(tmp_path / "o"), "--quant", "int3"],
          "unknown recipe 'int3' (--quant); choose from: none, fp8, fp8-kv, w4a16"),
         (["--model", checkpoints["gqa2-yarn-lora"], "--out", str(tmp_path / "o"), "--target", "spark",
-          "--quant", "fp8"],
-         "--target spark builds w4a16 engines"),
+          "--tp", "2"],
+         "--target spark is one GPU; --tp 2 needs as many GPUs"),
         (["--model", checkpoints["gqa2-yarn-lora"], "--out", str(tmp_path / "o"), "--modes", "ar,fast"],
          "unknown mode(s) ['fast']"),
         (["--from-onnx", str(tmp_path)], "has no manifest.json"),
@@ -210,9 +211,10 @@ def _fake_builder(trt, calls: dict) -> None:
         def __init__(self, network, logger):
             self.network, self.num_errors = network, 0
 
-        def parse_from_file(self, path):
+        def parse(self, model, path):
             calls["parsed"].append(os.path.basename(path))
-            graph = onnx.load(path, load_external_data=False).graph
+            graph = onnx.load_from_string(model).graph
+            calls["kv_first"] = all(n.op_type == "kv_append" for n in graph.node if "k_pool.0" in n.input)
             self.network.inputs = [i.name for i in graph.input]
             self.network.layers = [Layer("dist") for n in graph.node if n.op_type == "DistCollective"]
             calls["layers"] = self.network.layers
@@ -236,6 +238,9 @@ def _fake_builder(trt, calls: dict) -> None:
         def set_memory_pool_limit(self, pool, size):
             pass
 
+        def set_preview_feature(self, feature, on):
+            calls["preview"] = (feature, on)
+
         def add_optimization_profile(self, profile):
             calls["profiles"].append(profile)
             return len(calls["profiles"]) - 1
@@ -257,7 +262,9 @@ def _fake_builder(trt, calls: dict) -> None:
         def build_serialized_network(self, network, config):
             return b"plan"
 
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    severity = types.SimpleNamespace(ERROR=1, INTERNAL_ERROR=0)
+    trt.ILogger = type("ILogger", (), {"Severity": severity, "__init__": lambda self: None})
+    trt.PreviewFeature = types.SimpleNamespace(ALIASED_PLUGIN_IO_10_03="aliased-io")
     trt.Builder, trt.OnnxParser = Builder, Parser
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=7)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
@@ -270,13 +277,13 @@ def _fake_builder(trt, calls: dict) -> None:
 def fake_trt(monkeypatch):
     """A stand-in ``tensorrt`` with a builder for the duration of a test; yields the calls it saw."""
     import fake_tensorrt
-    import trimode.plugins as plugins
+    import trimode.plugins.trt_plugins as plugins
 
     saved = {k: sys.modules.get(k) for k in ("tensorrt", "tensorrt.plugin")}
     fake_tensorrt.install()
     calls = {"profiles": [], "parsed": [], "plugins": 0}
     _fake_builder(sys.modules["tensorrt"], calls)
-    monkeypatch.setattr(plugins, "register_tensorrt_plugins", lambda: calls.__setitem__("plugins", 1))
+    monkeypatch.setattr(plugins, "register", lambda trt: calls.__setitem__("plugins", 1))
     try:
         yield calls
     finally:
@@ -305,6 +312,10 @@ def test_tensorrt_stage_against_a_stand_in(engine, fake_trt, tmp_path):
     assert decode["input_ids"][2] == (4,) and prefill["input_ids"][2] == (4 * 256,)
     assert calls["profiles"][2].shapes["input_ids"][2] == (4 * 9,)  # draft: a block (+1) per sequence
     assert "k_pool.0" in decode and "is_causal" not in decode
+    # TensorRT 11 path: the stand-in's manifest section names the flavour; kv_append aliased, wired kv-first
+    assert section["flavour"] == "tensorrt" and section["version"] == "11.0-fake"
+    assert section["compute_capabilities"] == ["SM90"]  # (no GPU here: the target's)
+    assert calls["preview"] == ("aliased-io", True) and calls["kv_first"]
 
 
 def test_tensorrt_stage_builds_one_engine_set_per_rank(checkpoints, fake_trt, tmp_path):
@@ -318,7 +329,7 @@ def test_tensorrt_stage_builds_one_engine_set_per_rank(checkpoints, fake_trt, tm
     import trimode.build.pipeline as pipeline
 
     pipeline_status = pipeline.tensorrt_status
-    pipeline.tensorrt_status = lambda: (True, "ok")
+    pipeline.tensorrt_status = lambda target: (True, "ok")
     try:
         m = finish_from_onnx(out, log=lambda _: None)
     finally:

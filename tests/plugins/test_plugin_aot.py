@@ -11,7 +11,9 @@ under TRITON_INTERPRET=1, while Triton's compiler needs real (non-interpreted) k
   outputs, then Triton's two unused scratch pointers) and against what the torch launchers pass.
 - ``no-triton`` (first, in the same process): with ``import triton`` failing, the plugin modules import, the
   references run through the dispatcher, and asking for the kernels fails with a clear message.
-Not verified here: a TensorRT engine build and run (TensorRT is not installable) and running the PTX (no GPU).
+Not verified here: a TensorRT 11 engine build (not installable) and running the PTX (no GPU). The class-based
+IPluginV3 plugins that the engine builds use are built with the real TensorRT-RTX builder in
+tests/builder/test_tensorrt_rtx.py.
 """
 
 import json

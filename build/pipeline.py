@@ -235,8 +235,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] | None = None) -> dict[
         _remove_created(tmp, created)
         raise
     if manifest["tensorrt"] is None:
+        where = ("once TensorRT-RTX is installed (any machine)" if TARGETS[opts.target].flavour == "tensorrt-rtx"
+                 else "on a GPU host with TensorRT 11")
         say(f"ONNX stage complete in {opts.out}. TensorRT could not run here ({tensorrt_status(opts.target)[1]}). "
-            f"To finish on a GPU host with TensorRT 11: python scripts/build_engine.py --from-onnx {opts.out}")
+            f"To finish {where}: python scripts/build_engine.py --from-onnx {opts.out}")
     return manifest
 
 

@@ -30,10 +30,15 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from trimode.plugins import PLUGIN_NAMESPACE
+from trimode.plugins import PLUGIN_NAMESPACE, PLUGIN_VERSIONS
 from trimode.plugins.signatures import FLOAT_TYPES_TRT, PLUGIN_ALIASES, PLUGIN_FIELDS, PLUGIN_SIGNATURES
 
-PLUGIN_VERSION = "1"
+PLUGIN_VERSION = "1"  # of the ops PLUGIN_VERSIONS does not list (the decision ops)
+
+
+def plugin_version(op: str) -> str:
+    """The version the exported graphs give ``op`` (``trimode.plugins.PLUGIN_VERSIONS``, declared once)."""
+    return PLUGIN_VERSIONS.get(op, PLUGIN_VERSION)
 OPS = tuple(PLUGIN_SIGNATURES)
 _TRT_TYPE = {"FP32": "FLOAT", "FP16": "HALF", "BF16": "BF16", "INT32": "INT32", "INT64": "INT64", "BOOL": "BOOL"}
 _REGISTERED: dict[int, list] = {}  # id(trt module) -> creators (kept alive: the registry holds raw pointers)
@@ -165,7 +170,7 @@ def plugin_classes(trt: ModuleType) -> dict[str, tuple[type, type]]:
             trt.IPluginV3OneBuildV2.__init__(self)
             trt.IPluginV3OneRuntime.__init__(self)
             self.op, self.attrs, self.phase = op, dict(attrs), phase
-            self.plugin_name, self.plugin_namespace, self.plugin_version = op, PLUGIN_NAMESPACE, PLUGIN_VERSION
+            self.plugin_name, self.plugin_namespace, self.plugin_version = op, PLUGIN_NAMESPACE, plugin_version(op)
             self.num_outputs = len(PLUGIN_SIGNATURES[op][1])
             # one timing entry per op and attribute set (the ops have a single kernel path: no tactic timing)
             self.timing_cache_id = f"{op}:{sorted(self.attrs.items())}"
@@ -238,7 +243,7 @@ def plugin_classes(trt: ModuleType) -> dict[str, tuple[type, type]]:
             def __init__(self, op: str = op) -> None:
                 trt.IPluginCreatorV3One.__init__(self)
                 self.op = op
-                self.name, self.plugin_namespace, self.plugin_version = op, PLUGIN_NAMESPACE, PLUGIN_VERSION
+                self.name, self.plugin_namespace, self.plugin_version = op, PLUGIN_NAMESPACE, plugin_version(op)
                 self.field_names = trt.PluginFieldCollection(_fields(trt, op, None))
 
             def create_plugin(self, name, fields, phase):

@@ -61,6 +61,9 @@ class TriModeLM:
         only (``ValueError`` otherwise). Returns self."""
         if enabled and self.settings.executor != "torch":
             raise ValueError(f"batch-invariant execution needs the torch executor, not {self.settings.executor!r}")
+        if enabled and getattr(self.executor, "comm", None) is not None:  # rank 0 of a tensor-parallel group
+            raise ValueError("batch-invariant execution is not available under tensor parallelism (the worker "
+                             "ranks compute their shards as they are)")
         self.model.batch_invariant = bool(enabled)
         return self
 

@@ -48,17 +48,18 @@ class Runtime:
 
 
 def build_runtime(model: NLDModel, tokenizer: Tokenizer | None = None, settings: RuntimeSettings = DEFAULTS,
-                  executor: str | ExecutorFactory | None = None, limits: EngineLimits | None = None) -> Runtime:
+                  executor: str | ExecutorFactory | None = None, limits: EngineLimits | None = None,
+                  pool_device: torch.device | None = None) -> Runtime:
     """A runtime over ``model``: a page pool of ``settings.num_pages`` x ``settings.page_size`` tokens for the
     KV heads this process holds (all of them, or its share under tensor parallelism), in the model's dtype and
-    on its device; the executor named ``executor`` (default ``settings.executor``) or made by the factory
+    on its device (or ``pool_device``: an engine executor's GPU while the placeholder model stays on the CPU); the executor named ``executor`` (default ``settings.executor``) or made by the factory
     ``executor(model, cache)``; a decoding loop of ``settings.max_batch_size`` sequences that admits requests
     within ``limits`` (an engine directory's; None: the model's positions and the pool only)."""
     cfg = model.config
     param = next(model.parameters())
     num_kv_heads = model.encoder.layers[0].self_attn.hkv
     cache = PagedKVCache(cfg.num_hidden_layers, num_kv_heads, cfg.head_dim, settings.num_pages,
-                         settings.page_size, dtype=param.dtype, device=param.device)
+                         settings.page_size, dtype=param.dtype, device=pool_device or param.device)
     executor = settings.executor if executor is None else executor
     if callable(executor):
         ex = executor(model, cache)
@@ -102,7 +103,7 @@ def engine_executor(directory: str | Path) -> str:
     return "tensorrt" if tensorrt_runnable(directory)[0] else "onnxruntime"
 
 
-def _placeholder_model(checkpoint: Path, tp: int = 1, device: str = "cpu") -> NLDModel:
+def _placeholder_model(checkpoint: Path, tp: int = 1) -> NLDModel:
     """An ``NLDModel`` of the checkpoint's config whose tensors are allocated but never written or read: what a
     runtime needs (config, dtype, device, the KV heads this rank holds) when an engine executor computes
     (untouched pages stay non-resident)."""
@@ -110,7 +111,7 @@ def _placeholder_model(checkpoint: Path, tp: int = 1, device: str = "cpu") -> NL
         model = NLDModel(load_config(checkpoint))
     for layer in model.encoder.layers:
         layer.self_attn.hkv //= tp  # the pool holds this rank's share of the KV heads
-    return model.to_empty(device=device).float().eval()
+    return model.to_empty(device="cpu").float().eval()
 
 
 def from_engine_dir(directory: str | Path, executor: str = "onnxruntime", settings: RuntimeSettings = DEFAULTS,
@@ -132,6 +133,7 @@ def from_engine_dir(directory: str | Path, executor: str = "onnxruntime", settin
     limits = engine_limits(manifest, directory)
     settings = settings_within(settings, limits).with_(executor=executor)
     ckpt = engine_checkpoint(directory)
+    pool_device = None
     if executor == "torch":
         model, factory = load_model(ckpt), None
     elif executor == "onnxruntime":
@@ -147,14 +149,15 @@ def from_engine_dir(directory: str | Path, executor: str = "onnxruntime", settin
         if not runnable:
             raise EngineDirError(f"the tensorrt executor cannot run {directory} in this process: {why} "
                                  f"(executor 'onnxruntime' runs its reference graphs on any CPU)")
-        model = _placeholder_model(ckpt, device="cuda")  # the pool lives on the GPU the plans run on
+        model = _placeholder_model(ckpt)  # never on the GPU: the plans hold the weights; only the pool goes there
+        pool_device = torch.device("cuda")
 
-        def factory(model: NLDModel, cache: PagedKVCache) -> Executor:
-            return make_executor("tensorrt", engine_dir=directory, cache=cache, check=False, **executor_kwargs)
+        def factory(model: NLDModel, cache: PagedKVCache) -> Executor:  # executor_kwargs are onnxruntime's
+            return make_executor("tensorrt", engine_dir=directory, cache=cache, check=False)
     else:
         raise ValueError(f"executor {executor!r} cannot run an engine directory; use 'auto', 'tensorrt', "
                          f"'onnxruntime' or 'torch'")
-    rt = build_runtime(model, load_tokenizer(ckpt, model.config), settings, factory, limits)
+    rt = build_runtime(model, load_tokenizer(ckpt, model.config), settings, factory, limits, pool_device)
     rt.engine_manifest = manifest
     return rt
 

@@ -233,7 +233,7 @@ def host_overhead(lm: Any, prompt_ids: Sequence[int], modes: Sequence[str] = MOD
     engine = lm.engine
     out = []
     for mode in modes:
-        config = mode_config(mode, lm.config.block_size, block_length if mode != "ar" else None)
+        config = mode_config(mode, lm.default_block_length, block_length if mode != "ar" else None)
         for batch in batch_sizes:
             requests = [lm.request(list(prompt_ids), max_new_tokens, config) for _ in range(batch)]
             best = None
@@ -269,7 +269,7 @@ def profile(lm: Any, source: str, executor: str, token_counts: Sequence[int] = T
 
     device = lm.cache.k_pool.device
     costs = pass_costs(lm.executor, lm.config.mask_token_id, token_counts, batch_sizes, kinds, context_len, repeats)
-    block = block_length or lm.config.block_size
+    block = block_length or lm.default_block_length
     prompt = list(prompt_ids) if prompt_ids is not None else [(5 * j) % 97 + 2 for j in range(context_len or 16)]
     host = host_overhead(lm, prompt, host_modes, host_batches, host_tokens, block) if host_modes else []
     versions = {"torch": torch.__version__}

@@ -112,7 +112,8 @@ def select_tokens(logits: torch.Tensor, params: SamplingParams, mask_token_id: i
     """Greedy argmax (T = 0) or a sample from ``target_probs`` for each row of logits [N, V]."""
     if params.is_greedy:
         logits = _without_mask(logits, mask_token_id)
-        if bool(torch.isnan(logits).any()):
+        tokens = logits.argmax(-1)  # argmax propagates NaN: a row holding one picks it, so checking picks suffices
+        if bool(torch.isnan(logits.gather(-1, tokens.unsqueeze(-1))).any()):
             raise NonFiniteLogits("the forward produced NaN logits; no token can be chosen from them")
-        return logits.argmax(-1)
+        return tokens
     return sample_from(target_probs(logits, params, mask_token_id), generator)

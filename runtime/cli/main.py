@@ -20,11 +20,11 @@ import time
 from trimode.plugins import tensorrt_libs
 from trimode.runtime import settings
 from trimode.runtime.api import TriModeLM
-from trimode.runtime.assembly import engine_executor
 from trimode.runtime.cli.profile import add_subparsers as add_profile
 from trimode.runtime.cli.serve import add_subparsers as add_serving
 from trimode.runtime.cli.tensor_parallel import add_tp_arguments, generate_tensor_parallel
 from trimode.runtime.executors.engine_dir import EngineDirError
+from trimode.runtime.executors.trt_executor import tensorrt_runnable
 from trimode.runtime.model.hf_format import CheckpointError
 from trimode.runtime.model.tokenizer import StreamDecoder
 from trimode.runtime.request import Mode, ModeConfig, RequestError, mode_config
@@ -118,7 +118,7 @@ def generate(args: argparse.Namespace, lm=None) -> int:
     if lm is None and args.engine:
         executor = args.executor
         try:
-            if executor in ("auto", "tensorrt") and engine_executor(args.engine) == "tensorrt":
+            if executor in ("auto", "tensorrt") and tensorrt_runnable(args.engine, need_loader_path=False)[0]:
                 tensorrt_libs.reexec_with_loader_path()  # TensorRT-RTX plugin engines need libtensorrt_rtx.so
                 executor = "tensorrt"
             elif executor == "auto":

@@ -48,7 +48,7 @@ def add_subparsers(sub) -> None:
     p.add_argument("--host-tokens", type=settings.positive_int("--host-tokens"), default=32,
                    help="new tokens per request in the host-time runs (default 32)")
     p.add_argument("--block-length", type=settings.positive_int("--block-length"), default=None,
-                   help="block length of the diffusion and spec host-time runs (default: the model's block_size)")
+                   help="block length of the diffusion and spec host-time runs (default: the engine directory's, else the model's block_size)")
     p.add_argument("--out", default="results/profile", help="output directory (profile.json, profile.png)")
     settings.add_arguments(p, names=PROFILE_SETTINGS)
     p.set_defaults(handler=profile_command)

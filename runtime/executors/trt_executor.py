@@ -259,10 +259,12 @@ class TensorRTExecutor(Executor):
         return run_by_engine_kind(passes, run)
 
 
-def tensorrt_runnable(engine_dir: str | Path) -> tuple[bool, str]:
+def tensorrt_runnable(engine_dir: str | Path, need_loader_path: bool = True) -> tuple[bool, str]:
     """(True, "ok") if this process could run ``engine_dir``'s TensorRT plans: they exist, their TensorRT
-    flavour imports at the version they were built with, and a CUDA GPU among their compute capabilities is
-    visible; else (False, why). For callers choosing an executor (``trimode generate --engine`` / ``serve``)."""
+    flavour imports at the version they were built with, a CUDA GPU among their compute capabilities is
+    visible, and (TensorRT-RTX, ``need_loader_path``) the loader finds ``libtensorrt_rtx.so``; else (False, why).
+    For callers choosing an executor; an entry point that can re-execute itself with the loader path
+    (``tensorrt_libs.reexec_with_loader_path``) asks with ``need_loader_path=False`` first."""
     try:
         manifest = check_engine_dir(engine_dir, verify_hashes=False)
         section = manifest.get("tensorrt")
@@ -277,6 +279,9 @@ def tensorrt_runnable(engine_dir: str | Path) -> tuple[bool, str]:
         gpu = tensorrt_libs.compute_capability_name(*torch.cuda.get_device_capability())
         check_tensorrt(manifest, engine_dir, flavour=flavour, version=tensorrt_libs.flavour_version(flavour),
                        compute_capability=gpu)
+        if need_loader_path and flavour == "tensorrt-rtx" and not tensorrt_libs.loader_ready():
+            return False, (f"libtensorrt_rtx.so is not on this process's loader path (start it with "
+                           f"LD_LIBRARY_PATH={tensorrt_libs.link_dir()}, as `trimode generate` does itself)")
     except EngineDirError as e:
         return False, str(e)
     return True, "ok"

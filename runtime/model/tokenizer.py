@@ -57,7 +57,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``. ``add_special_tokens=True`` applies the post-processor's template (BOS / EOS
         as ``transformers``' ``tokenizer(text)`` adds them: use it for prompts); the default encodes the bare
-        text (calibration streams, stop strings, pieces of a document). Runs without the GIL (``encode_batch``
+        text (calibration streams, pieces of a document). Runs without the GIL (``encode_batch``
         releases it, ``encode`` does not), so a long prompt tokenized on one thread never pauses the others."""
         return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 

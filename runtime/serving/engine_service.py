@@ -8,7 +8,9 @@ through its ``Sink``, called from the loop thread:
 - ``on_tokens(ids)`` for every group of accepted tokens (return False to stop the request there, e.g. a stop
   string matched: it then finishes with reason "stop");
 - ``on_finish(result, timing)`` once when it ends normally ("stop", "length") or is cancelled;
-- ``on_error(message)`` once instead, when it is rejected or fails (bad request, queue full, KV exhausted).
+- ``on_error(message, code)`` once instead, when it is rejected or fails; ``code`` says whose fault it is:
+  ``INVALID_ARG`` (the request can never run here), ``UNAVAILABLE`` (the server's state: busy, shutting down,
+  KV cache exhausted: retry later) or ``INTERNAL`` (the gRPC status names, as Triton's error codes).
 
 ``sink.is_cancelled()`` is polled while a request is in flight (client gone); a cancelled request leaves the
 batch at the next step boundary and its pages are freed.
@@ -40,15 +42,20 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from trimode.runtime.api import TriModeLM
+from trimode.runtime.kv_cache import KVCacheExhausted
 from trimode.runtime.request import GenerationRequest, GenerationResult, RequestError
 
 ADMISSION_POLICIES = ("reserve", "greedy")
 
 
+# whose fault an error is (on_error's code): the request's, the server's state (retry later), or a failure
+INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
+
+
 class Sink(Protocol):
     def on_tokens(self, ids: list[int]) -> bool | None: ...
     def on_finish(self, result: GenerationResult, timing: dict) -> None: ...
-    def on_error(self, message: str) -> None: ...
+    def on_error(self, message: str, code: str) -> None: ...
     def is_cancelled(self) -> bool: ...
 
 
@@ -71,6 +78,7 @@ class _Entry:
     seq_id: int | None = None
     stop_requested: bool = False                 # the sink asked to stop (stop string)
     cancel_requested: bool = False               # client went away / cancel()
+    error_code: str | None = None                # set when the service ends it (shutting down, a failed step)
     num_tokens: int = 0
 
 
@@ -250,18 +258,18 @@ class EngineService:
             queued = self._queued()
             if queued >= self.max_queued:
                 return self._reject(entry, f"server busy: {queued} requests are already queued "
-                                           f"(max_queued_requests={self.max_queued}); retry later")
+                                           f"(max_queued_requests={self.max_queued}); retry later", UNAVAILABLE)
         if self.admission == "reserve" and entry.pages > self.cache.num_pages:
             return self._reject(entry, f"request too large for the KV cache: prompt ({len(request.prompt_ids)} "
                                        f"tokens) + max_tokens ({request.max_new_tokens}) needs up to {entry.pages} "
                                        f"pages of {self.cache.page_size} tokens, but the KV page budget is "
-                                       f"{self.cache.num_pages} pages")
+                                       f"{self.cache.num_pages} pages", INVALID_ARG)
         self._by_handle[handle] = entry
         self._pending.append(entry)
 
-    def _reject(self, entry: _Entry, message: str) -> None:
+    def _reject(self, entry: _Entry, message: str, code: str) -> None:
         self._totals["rejected"] += 1
-        self._safe(entry.sink.on_error, message)
+        self._safe(entry.sink.on_error, message, code)
 
     def _admit(self) -> None:
         while self._pending:
@@ -277,7 +285,7 @@ class EngineService:
                 seq_id = self.engine.add_request(entry.request, self._token_callback(entry))
             except RequestError as e:
                 del self._by_handle[entry.handle]
-                self._reject(entry, str(e))
+                self._reject(entry, str(e), INVALID_ARG)
                 continue
             entry.seq_id, entry.admitted = seq_id, time.perf_counter()
             self._by_seq[seq_id] = entry
@@ -330,7 +338,9 @@ class EngineService:
                 result.finish_reason = "stop"
             if result.finish_reason == "error":
                 self._totals["errors"] += 1
-                self._safe(entry.sink.on_error, result.error or "generation failed")
+                code = entry.error_code or (UNAVAILABLE if isinstance(result.exception, KVCacheExhausted)
+                                            else INTERNAL)
+                self._safe(entry.sink.on_error, result.error or "generation failed", code)
                 continue
             if result.finish_reason == "cancelled":
                 self._totals["cancelled"] += 1
@@ -353,8 +363,10 @@ class EngineService:
         result = GenerationResult(-1, list(entry.request.prompt_ids), [], "cancelled", {}, [], [], 0.0)
         self._safe(entry.sink.on_finish, result, self._timing(entry))
 
-    def _fail_engine(self, message: str) -> None:
+    def _fail_engine(self, message: str, code: str = INTERNAL) -> None:
         """Take every request of ours out of the engine (pages freed) and report ``message`` as its error."""
+        for entry in self._by_seq.values():
+            entry.error_code = code
         for seq_id in self._by_seq:
             if seq_id not in self.engine.finished:
                 self.engine.cancel(seq_id)
@@ -372,8 +384,8 @@ class EngineService:
         while self._pending:
             entry = self._pending.popleft()
             self._by_handle.pop(entry.handle, None)
-            self._reject(entry, message)
-        self._fail_engine(message)
+            self._reject(entry, message, UNAVAILABLE)
+        self._fail_engine(message, UNAVAILABLE)
         self._collect()
         self._publish_stats()
 

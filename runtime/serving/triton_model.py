@@ -136,8 +136,8 @@ class TritonSink:
         counters = result_counters(result, timing, self.parsed.mode, len(self.out.ids))
         self._send(text, ids, result.finish_reason or "", json.dumps(counters), final=True)
 
-    def on_error(self, message: str) -> None:
-        send_error(self.sender, message, error_code(message))
+    def on_error(self, message: str, code: str = "INTERNAL") -> None:
+        send_error(self.sender, message, code)
 
     def is_cancelled(self) -> bool:
         if self.broken:
@@ -150,21 +150,6 @@ def _log_warn(message: str) -> None:
         pb_utils.Logger.log_warn(message)
     except Exception:
         print(message, flush=True)
-
-
-# messages of refusals that are the server's state, not the request's fault (retry later / elsewhere)
-_UNAVAILABLE = ("server busy", "the server is shutting down", "KV cache exhausted")
-
-
-def error_code(message: str) -> str:
-    """The Triton error code name of an error ``message`` from the engine service: UNAVAILABLE for busy /
-    shutting down / KV exhausted, INVALID_ARG for the engine's admission checks (a request that can never fit),
-    else INTERNAL."""
-    if any(m in message for m in _UNAVAILABLE):
-        return "UNAVAILABLE"
-    if message.startswith(("request too large", "prompt (", "the prompt (")):
-        return "INVALID_ARG"
-    return "INTERNAL"
 
 
 def send_error(sender, message: str, code: str = "INTERNAL") -> None:
@@ -325,7 +310,7 @@ class TritonPythonModel:
         try:
             self.service.submit(parsed.request, TritonSink(request, sender, parsed, self.lm.tokenizer))
         except Exception as e:  # ServiceClosed: shutting down
-            self._refuse(sender, str(e), error_code(str(e)))
+            self._refuse(sender, str(e), "UNAVAILABLE")
 
     def _send_stats(self, sender) -> None:
         stats = {**self.service.stats(), "model": self.model_name, "pid": os.getpid(), "server_pid": os.getppid(),

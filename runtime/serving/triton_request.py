@@ -121,9 +121,8 @@ def request_limits(lm, params: dict) -> RequestLimits:
         per_token = _longest_token_bytes(lm.tokenizer) if lm.tokenizer is not None else 64
         max_bytes = max_prompt * (per_token + 1)
     block = params["max_block_length"]
-    if not block:
-        manifest = getattr(lm, "engine_manifest", None) or {}
-        block = manifest.get("shapes", {}).get("block_length") or lm.config.block_size
+    if not block:  # the engine directory's block length, else the checkpoint's block_size
+        block = lm.default_block_length
     return RequestLimits(max(1, max_prompt), max_bytes, block)
 
 
@@ -266,8 +265,8 @@ def parse_request(inputs: dict, lm, params: dict, limits: RequestLimits | None =
                            f"max_block_length), got {block}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # NaN fails both comparisons
         raise RequestError(f"threshold must be in [0, 1], got {threshold!r}")
-    # block None: the checkpoint's block_size; threshold None: diffusion 0.9, spec 0.0
-    mode_cfg = mode_config(mode, min(lm.config.block_size, limits.max_block_length), block, threshold,
+    # block None: the API's default (engine directory's, else the checkpoint's); threshold None: diffusion 0.9, spec 0
+    mode_cfg = mode_config(mode, min(lm.default_block_length, limits.max_block_length), block, threshold,
                            use_lora=True if use_lora is None else use_lora)
 
     temperature = _scalar(inputs, "temperature", "float")

@@ -180,7 +180,7 @@ class _Sink:
         self.result = result
         self.done.set()
 
-    def on_error(self, message):
+    def on_error(self, message, code="INTERNAL"):
         self.error = message
         self.done.set()
 

@@ -69,7 +69,7 @@ def _stream(kjv, stop: list[str], prompt: str = "And he said", mode: str = "ar")
             box["result"] = result
             done.set()
 
-        def on_error(self, message):
+        def on_error(self, message, code="INTERNAL"):
             box["error"] = message
             done.set()
 

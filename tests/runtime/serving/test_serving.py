@@ -36,7 +36,7 @@ class Collect:
         self.result, self.timing = result, timing
         self.done.set()
 
-    def on_error(self, message):
+    def on_error(self, message, code="INTERNAL"):
         self.error = message
         self.done.set()
 

@@ -23,7 +23,7 @@ PARAMS = parse_parameters({"max_tokens_limit": "500", "default_max_tokens": "7",
 
 class Sink:
     def __init__(self) -> None:
-        self.ids, self.result, self.error = [], None, None
+        self.ids, self.result, self.error, self.code = [], None, None, None
         self.done = threading.Event()
 
     def on_tokens(self, ids):
@@ -33,8 +33,8 @@ class Sink:
         self.result = result
         self.done.set()
 
-    def on_error(self, message):
-        self.error = message
+    def on_error(self, message, code):
+        self.error, self.code = message, code
         self.done.set()
 
     def is_cancelled(self):
@@ -60,6 +60,7 @@ def test_queue_limit_counts_only_requests_that_cannot_start_now(ckpt):
         more = _burst(service, lm, 10, 30)  # 4 start, 1 may queue, 5 are refused
         busy = [s.error for s in more if s.error]
         assert len(busy) == 5 and all("server busy" in e and "max_queued_requests=1" in e for e in busy), busy
+        assert {s.code for s in more if s.error} == {"UNAVAILABLE"}  # retry later: not the request's fault
         assert service.wait_idle() and service.stats()["rejected"] == 5
     finally:
         service.close()
@@ -89,6 +90,7 @@ def test_drain_ends_everything_in_flight_and_refuses_new_requests(ckpt):
         assert sinks[0].ids and not sinks[0].done.is_set()
         assert service.drain(timeout=30)
         assert all(s.done.is_set() and "the server is shutting down" in s.error for s in sinks)
+        assert {s.code for s in sinks} == {"UNAVAILABLE"}
         with pytest.raises(ServiceClosed, match="shutting down"):
             service.submit(lm.request([5, 6], 4, ARConfig()), Sink())
         st = service.stats()  # the loop still answers
@@ -188,12 +190,19 @@ def test_request_parameters_are_refused():
     assert "max_token" in str(e.value) and "max_tokens" in str(e.value)  # names the field and the known inputs
 
 
-def test_error_codes_tell_retry_from_bad_request():
-    from trimode.runtime.serving.engine_service import SHUTTING_DOWN
-    from trimode.runtime.serving.triton_model import error_code
-
-    assert error_code(SHUTTING_DOWN) == "UNAVAILABLE"
-    assert error_code("server busy: 3 requests are already queued (max_queued_requests=2); retry later") == "UNAVAILABLE"
-    assert error_code("KV cache exhausted: ...") == "UNAVAILABLE"
-    assert error_code("request too large for the KV cache: prompt (9 tokens) ...") == "INVALID_ARG"
-    assert error_code("engine step failed: RuntimeError: boom") == "INTERNAL"
+def test_error_codes_tell_retry_from_bad_request(ckpt):
+    """The service says whose fault a refusal is: a request that can never run here (larger than the page
+    budget, beyond the model's positions) is INVALID_ARG; busy and shutting down are UNAVAILABLE (above)."""
+    lm = make_lm(ckpt, num_pages=8, max_batch_size=2)
+    big = make_lm(ckpt, num_pages=8, max_batch_size=2)
+    services = [EngineService(lm), EngineService(big, admission="greedy")]  # greedy: no page check first
+    try:
+        too_big, too_long = Sink(), Sink()
+        services[0].submit(lm.request([5, 6], 8 * lm.cache.page_size, ARConfig()), too_big)
+        services[1].submit(big.request([5, 6], big.config.max_position_embeddings, ARConfig()), too_long)
+        assert too_big.done.wait(30) and too_long.done.wait(30)
+        assert "request too large" in too_big.error and too_big.code == "INVALID_ARG"
+        assert "exceeds" in too_long.error and too_long.code == "INVALID_ARG", too_long.error
+    finally:
+        for service in services:
+            service.close()

@@ -27,26 +27,26 @@ def even_schedule(num_masks: int, num_steps: int) -> list[int]:
 
 def reveal(confidence: torch.Tensor, is_masked: torch.Tensor, policy: str, threshold: float | None,
            num_to_reveal: int, is_last_step: bool) -> torch.Tensor:
-    """Bool [n]: the masked positions to reveal now. ``num_to_reveal`` is k_s (topk / leftmost)."""
+    """Bool [n]: the masked positions to reveal now. ``num_to_reveal`` is k_s (topk / leftmost).
+
+    A block holds at most a few dozen positions, so the rule runs on host lists (one copy each way) rather than
+    as a dozen tensor ops on n-element tensors, which cost more than the forward of a small model."""
     assert policy in POLICIES, policy
-    masked_idx = is_masked.nonzero().squeeze(-1)
-    out = torch.zeros_like(is_masked)
-    if masked_idx.numel() == 0:
-        return out
-    if is_last_step:
-        out[masked_idx] = True
-        return out
-    if policy == "leftmost":
-        out[masked_idx[:max(num_to_reveal, 1)]] = True
-        return out
-    conf = confidence[masked_idx]
-    order = torch.sort(-conf, stable=True).indices  # most confident first, leftmost among equals
-    if policy == "topk":
-        out[masked_idx[order[:max(num_to_reveal, 1)]]] = True
-    else:  # threshold: everything >= tau, and the best one even if it is below tau
-        out[masked_idx[conf >= threshold]] = True
-        out[masked_idx[order[0]]] = True
-    return out
+    masked = [i for i, m in enumerate(is_masked.tolist()) if m]
+    out = [False] * is_masked.shape[0]
+    if masked and (is_last_step or policy == "leftmost"):
+        for i in masked if is_last_step else masked[:max(num_to_reveal, 1)]:
+            out[i] = True
+    elif masked:
+        conf = confidence.tolist()
+        order = sorted(masked, key=lambda i: -conf[i])  # most confident first, leftmost among equals (stable)
+        if policy == "topk":
+            chosen = order[:max(num_to_reveal, 1)]
+        else:  # threshold: everything >= tau, and the best one even if it is below tau
+            chosen = [i for i in masked if conf[i] >= threshold] + order[:1]
+        for i in chosen:
+            out[i] = True
+    return torch.tensor(out, dtype=torch.bool)
 
 
 def first_finished_eos(canvas: list[int], is_masked: list[bool], eos_ids: frozenset[int]) -> int | None:

@@ -69,16 +69,18 @@ class Engine:
 
     def check_request(self, request: GenerationRequest) -> None:
         """Raise ``RequestError`` naming the limit if ``request`` can never run here: more positions than the
-        model (or the engines) hold, a prompt larger than the pool, a mode whose engines were not built, or a
-        pass longer than its engine kind's tokens per forward."""
+        model (or the engines) hold, more tokens (prompt + max_new_tokens) than the whole page pool holds (no
+        sequence is ever preempted, so it could only fail later), a mode whose engines were not built, or a pass
+        longer than its engine kind's tokens per forward."""
         total = len(request.prompt_ids) + request.max_new_tokens
         if total > self.max_positions:
             raise RequestError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
                                f"({request.max_new_tokens}) exceeds the model's {self.max_positions} positions")
         capacity = self.cache.num_pages * self.cache.page_size
-        if len(request.prompt_ids) + 1 > capacity:
-            raise RequestError(f"the prompt ({len(request.prompt_ids)} tokens) does not fit in the KV cache "
-                               f"({capacity} tokens in all)")
+        if total > capacity:
+            raise RequestError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens})"
+                               f" does not fit in the KV cache: {self.cache.num_pages} pages of "
+                               f"{self.cache.page_size} tokens hold {capacity} tokens in all (num_pages)")
         lim = self.limits
         if lim is None:
             return

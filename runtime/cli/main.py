@@ -25,6 +25,7 @@ from trimode.runtime.cli.serve import add_subparsers as add_serving
 from trimode.runtime.cli.tensor_parallel import add_tp_arguments, generate_tensor_parallel
 from trimode.runtime.executors.engine_dir import EngineDirError
 from trimode.runtime.executors.trt_executor import tensorrt_runnable
+from trimode.runtime.kv_cache import KVCacheExhausted
 from trimode.runtime.model.hf_format import CheckpointError
 from trimode.runtime.model.tokenizer import StreamDecoder
 from trimode.runtime.request import Mode, ModeConfig, RequestError, mode_config
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=MODES, default="spec", help="decoding mode (default: spec)")
     g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
     g.add_argument("--block-length", type=_positive_int("--block-length"), default=None,
-                   help="block length for diffusion and spec (default: the checkpoint's block_size)")
+                   help="block length for diffusion and spec (default: the engine directory's, else the "
+                        "checkpoint's block_size)")
     g.add_argument("--threshold", type=_unit_float("--threshold"), default=None,
                    help="confidence threshold (diffusion default 0.9; spec default 0 = one draft pass)")
     g.add_argument("--policy", choices=["threshold", "topk", "leftmost"], default="threshold",
@@ -138,7 +140,7 @@ def generate(args: argparse.Namespace, lm=None) -> int:
         print(f"trimode: error: {args.engine or args.model} has no tokenizer.json; text prompts need one",
               file=sys.stderr)
         return 2
-    request = lm.request(args.prompt, args.max_new_tokens, _mode_config(args, lm.config.block_size),
+    request = lm.request(args.prompt, args.max_new_tokens, _mode_config(args, lm.default_block_length),
                          temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p, seed=args.seed)
     stream = StreamDecoder(lm.tokenizer)
 
@@ -148,7 +150,12 @@ def generate(args: argparse.Namespace, lm=None) -> int:
             sys.stdout.flush()
 
     start = time.perf_counter()
-    result = lm.run([request], on_tokens)[0]
+    try:
+        result = lm.run([request], on_tokens)[0]
+    except KVCacheExhausted as e:  # the pool ran out mid-way (e.g. a block pass beside the prompt): say so, no trace
+        print("" if args.json else "\n", end="")
+        print(f"trimode: error: {e}; raise --num-pages", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - start
     counters = {"mode": args.mode, **result.counters(), "tokens_per_s": round(len(result.token_ids) / elapsed, 2)}
     if args.json:

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import trimode.runtime.modes as modes
-from trimode.runtime.kv_cache import KVCacheExhausted
-from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
+from trimode.runtime.request import ARConfig, DiffusionConfig, RequestError, SpecConfig, mode_config
 
 from conftest import make_lm, random_prompts
 
@@ -176,9 +175,12 @@ def test_exhausted_cache_queues_then_all_finish(ckpt):
 
 
 def test_request_that_cannot_fit_raises_typed_error_and_leaks_nothing(ckpt):
+    """Larger than the whole pool: refused up front, naming the limit; beside other requests, a pool that runs
+    out at run time fails the newest stuck one with the typed KVCacheExhausted (the queueing test above)."""
     lm = make_lm(ckpt, page_size=4, num_pages=3)
-    with pytest.raises(KVCacheExhausted, match="needs .* more page"):
-        lm.ar_generate([list(range(10, 20))], max_new_tokens=10, eos_token_ids=())
+    for mode in ("ar", "diffusion", "spec"):
+        with pytest.raises(RequestError, match=r"\+ max_new_tokens \(10\) does not fit in the KV cache: 3 pages"):
+            lm.run([lm.request(list(range(10, 20)), 10, mode_config(mode, 4), eos_token_ids=())])
     assert _all_free(lm)
     # the engine keeps serving after the failure
     assert len(lm.ar_generate([[5, 6]], max_new_tokens=3)[0].token_ids) == 3

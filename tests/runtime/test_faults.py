@@ -4,6 +4,8 @@ limits (defaults, admission, per-forward budgets)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -22,10 +24,10 @@ from trimode.runtime.sampling import NonFiniteLogits, SamplingError, SamplingPar
 from trimode.runtime.serving.engine_service import EngineService
 from trimode.runtime.settings import RuntimeSettings
 
+from build_helpers import BUILD_SCRIPT, SHIPPED, child_env
 from conftest import make_lm, random_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINE = ROOT / "engines" / "tiny-kjv"
 MODEL = ROOT / "models" / "tiny-kjv"
 TINY = 1e-38
 
@@ -257,34 +259,40 @@ def test_executor_failure_aborts_cleanly(ckpt):
 
 # ---- 5. an engine directory's build-time limits -----------------------------------------------------------
 
-needs_engine = pytest.mark.skipif(not (ENGINE / "manifest.json").is_file(), reason="engines/tiny-kjv not built")
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Path:
+    """engines/tiny-kjv as scripts/demo.sh builds it (block 16, max_seq 512; batch 8 and page size 16 by default:
+    256 pages, 136 tokens per block forward), built here so that a clean checkout runs these tests too."""
+    out = tmp_path_factory.mktemp("kjv-engine") / "engine"
+    proc = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--model", str(SHIPPED), "--out", str(out),
+                           "--block-length", "16", "--max-seq", "512", "--no-progress"],
+                          capture_output=True, text=True, env=child_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
-@needs_engine
 @pytest.mark.parametrize("executor", ["onnxruntime", "torch"])
-def test_engine_limits_are_the_runtime_defaults(executor):
-    lm = TriModeLM.from_engine(ENGINE, executor=executor)
+def test_engine_limits_are_the_runtime_defaults(engine, executor):
+    lm = TriModeLM.from_engine(engine, executor=executor)
     shapes = lm.engine_manifest["shapes"]
     assert lm.cache.num_pages == shapes["max_pages_total"] and lm.engine.max_batch_size == shapes["max_batch"]
     assert lm.cache.page_size == shapes["page_size"] and lm.default_block_length == shapes["block_length"]
-    smaller = TriModeLM.from_engine(ENGINE, executor=executor, num_pages=32, max_batch_size=2)
+    smaller = TriModeLM.from_engine(engine, executor=executor, num_pages=32, max_batch_size=2)
     assert smaller.cache.num_pages == 32 and smaller.engine.max_batch_size == 2
 
 
-@needs_engine
 @pytest.mark.parametrize("change, field", [(dict(num_pages=1024), "shapes.max_pages_total"),
                                            (dict(max_batch_size=16), "shapes.max_batch"),
                                            (dict(settings=RuntimeSettings(num_pages=300)), "shapes.max_pages_total")])
-def test_settings_beyond_the_engine_are_refused(change, field):
+def test_settings_beyond_the_engine_are_refused(engine, change, field):
     with pytest.raises(EngineMismatch, match=field.replace(".", r"\.")):
-        TriModeLM.from_engine(ENGINE, executor="torch", **change)
+        TriModeLM.from_engine(engine, executor="torch", **change)
 
 
-@needs_engine
-def test_batch_beyond_the_engine_queues_within_its_budgets():
+def test_batch_beyond_the_engine_queues_within_its_budgets(engine):
     """The issue's example: ten block-32 spec requests on a batch-8, block-16 engine. Each forward holds at
     most max_batch sequences and at most each engine kind's tokens per forward; results equal solo runs."""
-    lm = TriModeLM.from_engine(ENGINE, executor="torch")
+    lm = TriModeLM.from_engine(engine, executor="torch")
     limits = lm.engine.limits
     seen = []
     forward = lm.executor.forward
@@ -309,9 +317,8 @@ def test_batch_beyond_the_engine_queues_within_its_budgets():
     assert _nothing_left(lm)
 
 
-@needs_engine
-def test_requests_beyond_the_engine_name_the_limit():
-    lm = TriModeLM.from_engine(ENGINE, executor="torch")
+def test_requests_beyond_the_engine_name_the_limit(engine):
+    lm = TriModeLM.from_engine(engine, executor="torch")
     with pytest.raises(RequestError, match=r"draft pass of 200 tokens, more than the 136 tokens per forward"):
         lm.linear_spec_generate(["In the beginning"], max_new_tokens=300, block_length=200)
     with pytest.raises(RequestError, match=r"denoise pass of 150 tokens, more than the 136 tokens per forward"):

@@ -67,6 +67,13 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------------
 
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The most tokens (prompt + new) one sequence can ever hold here: the model's positions, the whole
+        page pool, and an engine directory's max_seq, whichever is least (``check_request`` names which)."""
+        bounds = [self.max_positions, self.cache.num_pages * self.cache.page_size]
+        return min(bounds + ([self.limits.max_seq] if self.limits is not None else []))
+
     def check_request(self, request: GenerationRequest) -> None:
         """Raise ``RequestError`` naming the limit if ``request`` can never run here: more positions than the
         model (or the engines) hold, more tokens (prompt + max_new_tokens) than the whole page pool holds (no

@@ -30,6 +30,24 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def choose_model(model: str | None, tmp: Path) -> tuple[str, str]:
+    """(checkpoint path, label for the results) of a serving script's ``--model``: the given directory,
+    models/tiny-kjv when it is None and present, else (or for "random") a random tiny checkpoint written to
+    ``tmp``. The label is relative to the repository (no absolute paths of the machine in the results)."""
+    if model is None and (ROOT / "models" / "tiny-kjv" / "config.json").exists():
+        model = str(ROOT / "models" / "tiny-kjv")
+    if model in (None, "random"):
+        from trimode.runtime.model.checkpoint import write_random_checkpoint
+        from trimode.runtime.model.config import tiny_config
+
+        path = write_random_checkpoint(tmp / "random-tiny", tiny_config(), seed=0, lora_rank=4)
+        return str(path), "random tiny_config() checkpoint"
+    try:
+        return model, str(Path(model).resolve().relative_to(ROOT))
+    except ValueError:
+        return model, Path(model).name
+
+
 def percentiles(values: list[float]) -> dict:
     if not values:
         return {"p50": None, "p90": None, "p99": None, "mean": None}
@@ -144,21 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from trimode.runtime.serving.server import TritonServer
 
     tmp = Path(tempfile.mkdtemp(prefix="trimode-bench-"))
-    model = args.model
-    if model is None and (ROOT / "models" / "tiny-kjv" / "config.json").exists():
-        model = str(ROOT / "models" / "tiny-kjv")
-    if model in (None, "random"):
-        from trimode.runtime.model.checkpoint import write_random_checkpoint
-        from trimode.runtime.model.config import tiny_config
-
-        model = str(write_random_checkpoint(tmp / "random-tiny", tiny_config(), seed=0, lora_rank=4))
-        model_label = "random tiny_config() checkpoint"
-    else:
-        model_label = model
-        try:  # no absolute paths of this machine in the results
-            model_label = str(Path(model).resolve().relative_to(ROOT))
-        except ValueError:
-            model_label = Path(model).name
+    model, model_label = choose_model(args.model, tmp)
     cfg = load_config(model)
     rng = np.random.default_rng(args.seed)
     if args.prompts:

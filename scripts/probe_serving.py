@@ -178,21 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     from trimode.runtime.serving.repository import write_repository
     from trimode.runtime.serving.server import TritonServer
 
-    tmp = Path(tempfile.mkdtemp(prefix="trimode-probe-"))
-    model = args.model
-    if model is None and (ROOT / "models" / "tiny-kjv" / "config.json").exists():
-        model = str(ROOT / "models" / "tiny-kjv")
-    if model in (None, "random"):
-        from trimode.runtime.model.checkpoint import write_random_checkpoint
-        from trimode.runtime.model.config import tiny_config
+    from bench_serving import choose_model  # the sibling script (scripts/ is on sys.path when run as a script)
 
-        model = str(write_random_checkpoint(tmp / "random-tiny", tiny_config(), seed=0, lora_rank=4))
-        label = "random tiny_config() checkpoint"
-    else:
-        try:  # no absolute paths of this machine in the results
-            label = str(Path(model).resolve().relative_to(ROOT))
-        except ValueError:
-            label = Path(model).name
+    tmp = Path(tempfile.mkdtemp(prefix="trimode-probe-"))
+    model, label = choose_model(args.model, tmp)
     report: dict = {"model": label, "cpu_count": os.cpu_count(), "stop": [], "huge_prompt": [], "burst": None}
     for n in [int(x) for x in args.streams.split(",") if x]:
         row = probe_stop(model, n, args.max_tokens, args.block_length)

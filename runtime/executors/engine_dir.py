@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trimode.plugins import PLUGIN_VERSIONS
+from trimode.plugins.tensorrt_libs import same_release
 from trimode.runtime.executors.engine_kinds import MODE_KINDS, token_range
 
 MANIFEST = "manifest.json"
@@ -208,7 +209,7 @@ def check_tensorrt(manifest: dict[str, Any], directory: str | Path, *, flavour: 
     built = section.get("flavour", "tensorrt")  # builds before TensorRT-RTX were TensorRT 11's
     if built != flavour:
         raise EngineMismatch("tensorrt.flavour", built, flavour, Path(directory))
-    if version is not None and str(section.get("version", "")).split(".")[:3] != str(version).split(".")[:3]:
+    if version is not None and not same_release(str(section.get("version", "")), str(version)):
         raise EngineMismatch("tensorrt.version", section.get("version"), version, Path(directory))
     targets = section.get("compute_capabilities")
     if compute_capability is not None and targets is not None and compute_capability not in targets:

@@ -71,7 +71,7 @@ class EngineSet:
         if self.flavour == "tensorrt-rtx":
             for plan, data in self.plans.items():
                 header = tensorrt_libs.rtx_plan_header(data)
-                if self.version and header["version"].split(".") != str(self.version).split(".")[:3]:
+                if self.version and not tensorrt_libs.same_release(header["version"], str(self.version)):
                     raise EngineMismatch(f"{plan} header version", header["version"], self.version, self.engine_dir)
                 if self.compute_capabilities and header["targets"] != self.compute_capabilities:
                     raise EngineMismatch(f"{plan} header targets", header["targets"], self.compute_capabilities,

@@ -27,7 +27,7 @@ parameters (the fields of an HTTP ``generate`` body that are not inputs, e.g. a 
 refused by ``check_request_parameters``.
 
 Limits (``RequestLimits``, from the model, the engine and the parameters): a prompt has at most
-``max_prompt_tokens`` = min(the model's positions, the KV pool's tokens) - 1 tokens; a ``text_input`` longer
+``max_prompt_tokens`` = min(the model's positions, the KV pool's tokens, an engine's max_seq) - 1 tokens; a ``text_input`` longer
 than ``max_prompt_bytes`` (parameter; 0: ``max_prompt_tokens`` x (the longest vocabulary entry in bytes + 1))
 is refused before it is decoded or tokenized, so a huge prompt costs no tokenizer time or memory;
 ``block_length`` is at most ``max_block_length`` (parameter; 0: an engine directory's built block length,
@@ -115,7 +115,7 @@ def request_limits(lm, params: dict) -> RequestLimits:
     for name in ("max_block_length", "max_prompt_bytes"):
         if params[name] < 0:
             raise ValueError(f"config.pbtxt parameter {name} must be >= 0 (0: automatic), got {params[name]}")
-    max_prompt = min(lm.engine.max_positions, lm.cache.num_pages * lm.cache.page_size) - 1
+    max_prompt = lm.engine.max_sequence_tokens - 1  # room for at least one new token
     max_bytes = params["max_prompt_bytes"]
     if not max_bytes:
         per_token = _longest_token_bytes(lm.tokenizer) if lm.tokenizer is not None else 64

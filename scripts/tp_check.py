@@ -9,8 +9,11 @@ Rank 0 ends with one JSON line: per mode the requests' token ids and counters, e
 (``kv_pool_numel``), and with ``--reference`` the same workload run by rank 0 alone on the whole model
 afterwards, the largest logit difference of one dense forward (drafter LoRA on) and ``match`` (token ids
 and counters equal in every mode). ``--kill-rank R --kill-after K`` makes rank R kill itself (or, with
-``--kill-signal STOP``, freeze) after K forwards, to check that the other ranks stop with an error within
-the collective timeout.
+``--kill-signal STOP``, freeze; with ``--kill-signal EXIT``, end at once through ``os._exit(1)``: no teardown,
+the kernel closes its sockets) after K forwards, to check that the other ranks stop with an error within
+the collective timeout. Under MPICH's ``mpiexec`` (Hydra) use ``EXIT``: Hydra's proxy sends SIGKILL to every
+rank as soon as one is reaped after dying of a signal, even with ``-disable-auto-cleanup``, so the others
+would race the launcher instead of noticing the dead peer themselves.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ def dense_logits(model, vocab: int, seed: int):
 def killer(rank: int, args) -> Callable[[int], None]:
     def on_step(num_steps: int) -> None:
         if rank == args.kill_rank and num_steps == args.kill_after:
+            if args.kill_signal == "EXIT":
+                print(f"tp_check: rank {rank}: exiting abruptly after {num_steps} forwards", file=sys.stderr,
+                      flush=True)
+                os._exit(1)
             print(f"tp_check: rank {rank}: sending myself SIG{args.kill_signal} after {num_steps} forwards",
                   file=sys.stderr, flush=True)
             os.kill(os.getpid(), getattr(signal, f"SIG{args.kill_signal}"))
@@ -78,7 +85,8 @@ def main() -> int:
     ap.add_argument("--reference", action="store_true", help="rank 0 also runs the workload alone, then compares")
     ap.add_argument("--kill-rank", type=int, default=None)
     ap.add_argument("--kill-after", type=int, default=2, help="forwards before --kill-rank dies")
-    ap.add_argument("--kill-signal", default="KILL", choices=["KILL", "STOP"])
+    ap.add_argument("--kill-signal", default="KILL", choices=["KILL", "STOP", "EXIT"],
+                    help="how --kill-rank dies: SIGKILL, SIGSTOP (frozen) or os._exit(1) (EXIT)")
     args = ap.parse_args()
 
     import torch

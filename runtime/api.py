@@ -20,6 +20,12 @@ from trimode.runtime.request import (GenerationRequest, GenerationResult, ModeCo
                                      mode_config)
 from trimode.runtime.sampling import SamplingParams
 from trimode.runtime.settings import DEFAULTS, RuntimeSettings
+from trimode.runtime.stopping import OutputAssembler, check_stop_strings, special_stop_ids
+
+
+def _is_conversation(prompt) -> bool:
+    """A list of message dicts (a chat), as opposed to text or token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
 
 
 class TriModeLM:
@@ -117,49 +123,129 @@ class TriModeLM:
 
     # ---- prompts and requests -------------------------------------------------------------------------
 
-    def encode(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
+    @property
+    def end_think_token_id(self) -> int | None:
+        """The end-of-thinking token the thinking budget forces: ``end_think_token_id`` in config.json if set,
+        else the tokenizer's ``</think>`` token, else None (then a budget needs an explicit id)."""
+        configured = self.config.extra.get("end_think_token_id")
+        if isinstance(configured, int) and not isinstance(configured, bool):
+            return configured
+        return None if self.tokenizer is None else self.tokenizer.token_to_id("</think>")
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            **template_kwargs) -> tuple[int, ...]:
+        """Token ids of a conversation rendered with the checkpoint's chat template (runtime.model.chat_template:
+        as ``transformers``' ``apply_chat_template(..., tokenize=True)``, the rendered text encoded without
+        adding special tokens: the template writes them). ``template_kwargs`` reach the template (e.g.
+        ``enable_thinking``). Raises ``RequestError`` without a tokenizer, ``ChatTemplateError`` (a
+        ``ValueError``) without a template or for malformed messages."""
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer: messages need one (and its chat template)")
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                  **template_kwargs)
+        return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode(self, prompt: str | Sequence[int] | Sequence[dict]) -> tuple[int, ...]:
+        """Token ids of a prompt: text (encoded with the tokenizer's special tokens, e.g. BOS), token ids
+        (checked against the vocabulary), or a conversation, a list of message dicts (``apply_chat_template``).
+        Raises ``RequestError`` naming what is wrong."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this checkpoint has no tokenizer: pass token ids instead of text")
             return tuple(self.tokenizer.encode(prompt, add_special_tokens=True))  # BOS as the tokenizer adds it
+        if _is_conversation(prompt):
+            return self.apply_chat_template(prompt)
         ids = tuple(int(t) for t in prompt)
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (size {self.config.vocab_size})")
         return ids
 
-    def request(self, prompt: str | Sequence[int], max_new_tokens: int, mode: ModeConfig,
+    def request(self, prompt: str | Sequence[int] | Sequence[dict], max_new_tokens: int, mode: ModeConfig,
                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                 eos_token_ids: Iterable[int] | None = None, stop_token_ids: Iterable[int] = (),
-                switches: Sequence[tuple[int, ModeConfig]] = ()) -> GenerationRequest:
+                switches: Sequence[tuple[int, ModeConfig]] = (), stop: str | Iterable[str] = (),
+                max_thinking_tokens: int | None = None, end_think_token_id: int | None = None) -> GenerationRequest:
+        """One request. ``prompt``: text, token ids or a conversation (``encode``). ``eos_token_ids`` (default:
+        the config's) and ``stop_token_ids`` end the output after that token (included); ``stop``: stop strings,
+        matched on the decoded text and never emitted (runtime.stopping; a stop string that is a special
+        token's content also stops on its id). ``max_thinking_tokens``: the thinking budget
+        (``SequenceState.forced_token``); ``end_think_token_id`` defaults to ``self.end_think_token_id``.
+        Raises ``RequestError`` / ``SamplingError`` / ``StopStringError`` / ``ChatTemplateError`` (all
+        ``ValueError``) naming the bad argument."""
         eos = self.config.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-        return GenerationRequest(self.encode(prompt), max_new_tokens, mode, SamplingParams(temperature, top_k, top_p, seed),
-                                 frozenset(eos) | frozenset(stop_token_ids), tuple(switches))
+        stop = check_stop_strings([stop] if isinstance(stop, str) else stop)
+        if stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer (they are matched on the decoded text)")
+        stop_ids = special_stop_ids(self.tokenizer, stop) if stop else frozenset()
+        end_think = self.end_think_token_id if end_think_token_id is None else end_think_token_id
+        if max_thinking_tokens is not None and end_think is not None and not 0 <= end_think < self.config.vocab_size:
+            raise RequestError(f"end_think_token_id {end_think} is outside the vocabulary "
+                               f"(size {self.config.vocab_size})")
+        return GenerationRequest(self.encode(prompt), max_new_tokens, mode,
+                                 SamplingParams(temperature, top_k, top_p, seed),
+                                 frozenset(eos) | frozenset(stop_token_ids) | stop_ids, tuple(switches),
+                                 max_thinking_tokens, end_think if max_thinking_tokens is not None else None, stop)
 
     def run(self, requests: Sequence[GenerationRequest], on_tokens: TokenCallback | None = None,
             raise_on_error: bool = True) -> list[GenerationResult]:
-        """Run requests together (continuous batching); mixed modes share forwards."""
-        results = self.engine.run(list(requests), on_tokens)
-        for r in results:
-            if self.tokenizer is not None:
+        """Run requests together (continuous batching); mixed modes share forwards. ``on_tokens(request_id,
+        ids)`` sees each request's tokens as they are accepted (up to the token that completes a stop string).
+        A request with stop strings ends at the first match: its result's ``text`` ends before the match and its
+        ``token_ids`` with the token that completed it (finish reason "stop"). Raises the first failed
+        request's exception unless ``raise_on_error`` is False (then each result carries its own ``error``)."""
+        requests = list(requests)
+        outputs = [OutputAssembler(self.tokenizer, r.stop) if r.stop else None for r in requests]
+
+        def callback(out: OutputAssembler | None) -> TokenCallback | None:
+            if out is None:
+                return on_tokens
+
+            def route(request_id: int, ids: list[int]) -> bool:
+                before = len(out.ids)
+                keep_going = out.push(ids)
+                if on_tokens is not None and len(out.ids) > before:
+                    on_tokens(request_id, out.ids[before:])
+                return keep_going
+            return route
+
+        results = self.engine.run(requests, [callback(out) for out in outputs])
+        for r, out in zip(results, outputs):
+            if out is not None and out.stopped:
+                r.token_ids, r.text, r.finish_reason = list(out.ids), out.text, "stop"
+            elif self.tokenizer is not None:
                 r.text = self.tokenizer.decode(r.token_ids)
         failed = [r for r in results if r.exception is not None]
         if raise_on_error and failed:
             raise failed[0].exception
         return results
 
-    def _batch(self, prompts, mode: ModeConfig, max_new_tokens: int, **kw) -> list[GenerationResult]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    def _batch(self, prompts, mode: ModeConfig, max_new_tokens: int, messages=None, **kw) -> list[GenerationResult]:
+        """Prompts: one or a list of (text | token ids | conversation); ``messages``: one conversation or a list
+        of them, instead of prompts. ``kw``: ``request``'s options (sampling, eos, stop, thinking budget)."""
+        if messages is not None:
+            if prompts is not None:
+                raise RequestError("pass prompts or messages, not both")
+            prompts = messages
+        if prompts is None:
+            raise RequestError("no prompt: pass prompts (text, token ids) or messages (a conversation)")
+        if isinstance(prompts, str) or _is_conversation(prompts) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self.run([self.request(p, max_new_tokens, mode, **kw) for p in prompts])
 
     # ---- the reference code's entry points --------------------------------------------------------------
 
-    def ar_generate(self, prompts, max_new_tokens: int = 128, **kw) -> list[GenerationResult]:
-        """Autoregressive decoding: one token per forward."""
+    def ar_generate(self, prompts=None, max_new_tokens: int = 128, **kw) -> list[GenerationResult]:
+        """Autoregressive decoding: one token per forward.
+
+        The three entry points take one prompt or a list (text, token ids, or a conversation: a list of
+        ``{"role", "content"}`` dicts rendered with the checkpoint's chat template), or ``messages=`` (one
+        conversation or a list), and ``request``'s options: ``temperature``, ``top_k``, ``top_p``, ``seed``,
+        ``eos_token_ids``, ``stop_token_ids``, ``stop`` (stop strings, never emitted), ``max_thinking_tokens``
+        and ``end_think_token_id`` (the thinking budget, in every mode). One result per prompt, in order."""
         return self._batch(prompts, mode_config(Mode.AR, self.default_block_length), max_new_tokens, **kw)
 
-    def generate(self, prompts, max_new_tokens: int = 128, block_length: int | None = None, policy: str = "threshold",
+    def generate(self, prompts=None, max_new_tokens: int = 128, block_length: int | None = None, policy: str = "threshold",
                  threshold: float | None = None, max_steps: int | None = None, causal_context: bool = True,
                  **kw) -> list[GenerationResult]:
         """Block diffusion: denoise blocks of ``block_length`` (default: ``default_block_length``).
@@ -168,7 +254,7 @@ class TriModeLM:
                            causal_context=causal_context)
         return self._batch(prompts, mode, max_new_tokens, **kw)
 
-    def linear_spec_generate(self, prompts, max_new_tokens: int = 128, block_length: int | None = None,
+    def linear_spec_generate(self, prompts=None, max_new_tokens: int = 128, block_length: int | None = None,
                              threshold: float = 0.0, use_lora: bool = True, **kw) -> list[GenerationResult]:
         """Linear self-speculation: diffusion drafts verified by causal passes; lossless w.r.t. ar_generate."""
         mode = mode_config(Mode.SPEC, self.default_block_length, block_length or None, threshold, use_lora=use_lora)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Sequence
 
 from trimode.runtime.executors.base import Executor
 from trimode.runtime.executors.engine_dir import EngineLimits
@@ -239,16 +240,21 @@ class Engine:
             self.finished[seq.seq_id] = seq.result()
         return [s.seq_id for s in done]
 
-    def run(self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None) -> list[GenerationResult]:
+    def run(self, requests: list[GenerationRequest],
+            on_tokens: TokenCallback | Sequence[TokenCallback | None] | None = None) -> list[GenerationResult]:
         """Run requests to completion (continuing any already queued) and return their results in order.
+        ``on_tokens``: one callback for every request, or one per request (a list as long as ``requests``).
 
         Whatever ends it early (a request refused by ``add_request``, an interrupt, an exception outside any
         one sequence) leaves nothing of these requests behind: not queued, not running, no pages, no result in
         ``finished``; requests queued by others stay."""
+        callbacks = list(on_tokens) if isinstance(on_tokens, (list, tuple)) else [on_tokens] * len(requests)
+        if len(callbacks) != len(requests):
+            raise ValueError(f"{len(callbacks)} token callbacks for {len(requests)} requests")
         ids: list[int] = []
         try:
-            for r in requests:
-                ids.append(self.add_request(r, on_tokens))
+            for r, callback in zip(requests, callbacks):
+                ids.append(self.add_request(r, callback))
             while any(i not in self.finished for i in ids):
                 self.step()
         except BaseException:

@@ -57,16 +57,26 @@ class ModePolicy(ABC):
             assert seq.next_logits is not None, f"sequence {seq.seq_id} has neither a pending token nor logits"
             token = int(select_tokens(seq.next_logits[None], seq.request.sampling, self.mask_token_id,
                                       seq.generator)[0])
+            forced = seq.forced_token(len(seq.generated))  # the thinking budget (AR, and every block's seed)
+            if forced is not None:
+                token = forced
             seq.next_logits = None
             seq.emit([token])
             seq.pending = token
         return not seq.is_finished
 
     def new_block(self, seq: SequenceState, length: int) -> Block:
-        """[pending, MASK x (length-1)] if a token is pending, else [MASK x length]."""
+        """[pending, MASK x (length-1)] if a token is pending, else [MASK x length]; a slot whose token is forced
+        (the thinking budget's end-of-thinking token, ``SequenceState.forced_token``) holds it unmasked, as the
+        reference code places it in the canvas."""
         has_seed = seq.pending is not None
         tokens = ([seq.pending] if has_seed else []) + [self.mask_token_id] * (length - has_seed)
         masked = [False] * has_seed + [True] * (length - has_seed)
+        budget = seq.request.max_thinking_tokens
+        if budget is not None:
+            j = budget - len(seq.generated) + has_seed  # the slot of generated token number `budget`
+            if has_seed <= j < length and seq.forced_token(budget) is not None:
+                tokens[j], masked[j] = seq.forced_token(budget), False
         return Block(tokens, masked, has_seed, PassKind.DENOISE)
 
     def select(self, seq: SequenceState, logits: torch.Tensor) -> torch.Tensor:
@@ -164,18 +174,33 @@ class SpecPolicy(ModePolicy):
         block: Block = seq.policy_state
         draft = block.tokens[1:]
         sampling = seq.request.sampling
+        # verify logit k scores generated token number g + k (the seed is number g - 1); the thinking budget may
+        # force one of them, given that the drafts before it are what gets emitted ahead of it
+        g = len(seq.generated)
+        k = None if seq.request.max_thinking_tokens is None else seq.request.max_thinking_tokens - g
+        forced = seq.forced_token(g + k, draft[:k]) if k is not None and 0 <= k < len(block.tokens) else None
         if sampling.is_greedy:
             target = self.select(seq, logits).tolist()
+            if forced is not None:
+                target[k] = forced
             emitted = target[:greedy_accept(draft, target)]
         else:
             p_target = target_probs(logits, sampling, self.mask_token_id)
-            q = torch.stack(block.draft_probs[1:]) if draft else p_target[:0]
+            if forced is not None:  # the target distribution of a forced token is that token
+                p_target[k] = torch.nn.functional.one_hot(torch.tensor(forced), p_target.shape[-1]).to(p_target)
+            q = torch.stack([_one_hot_like(t, p_target) if q is None else q
+                             for t, q in zip(draft, block.draft_probs[1:])]) if draft else p_target[:0]
             emitted = rejection_accept(draft, q, p_target, seq.generator)
         n = len(emitted)
         seq.accepted_lengths.append(n)
         seq.truncate_to = p.start_pos + n  # keeps the seed and the n-1 accepted drafts
         seq.emit(emitted)
         seq.pending, seq.next_logits, seq.policy_state = emitted[-1], None, None
+
+
+def _one_hot_like(token: int, like: torch.Tensor) -> torch.Tensor:
+    """The draft distribution of a token placed, not sampled (a forced slot): all mass on it. [V], like's dtype."""
+    return torch.nn.functional.one_hot(torch.tensor(token), like.shape[-1]).to(like)
 
 
 def make_policies(mask_token_id: int) -> dict[Mode, ModePolicy]:

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -119,6 +119,10 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     stop_token_ids: frozenset[int] = frozenset()   # EOS ids and other stop tokens (emitted, then stop)
     switches: tuple[tuple[int, ModeConfig], ...] = ()  # (after this many generated tokens, switch to mode)
+    max_thinking_tokens: int | None = None  # thinking budget: see SequenceState.forced_token
+    end_think_token_id: int | None = None   # the end-of-thinking token ("</think>") forced at the budget
+    stop: tuple[str, ...] = ()              # stop strings: matched on the decoded text by the front end
+                                            # (runtime.stopping); the loop sees token ids only
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -132,6 +136,19 @@ class GenerationRequest:
                                "exact only for drafts filled in one pass")
         if list(self.switches) != sorted(self.switches, key=lambda s: s[0]):
             raise RequestError("switches must be ordered by their token counts")
+        if self.max_thinking_tokens is not None:
+            if not isinstance(self.max_thinking_tokens, int) or isinstance(self.max_thinking_tokens, bool) \
+                    or self.max_thinking_tokens < 0:
+                raise RequestError(f"max_thinking_tokens must be an integer >= 0, got {self.max_thinking_tokens!r}")
+            if self.end_think_token_id is None:
+                raise RequestError("max_thinking_tokens needs the end-of-thinking token id (end_think_token_id): "
+                                   "this model's tokenizer has no '</think>' token")
+        if not isinstance(self.stop, tuple) or not all(isinstance(t, str) and t for t in self.stop):
+            raise RequestError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        if self.end_think_token_id is not None and (not isinstance(self.end_think_token_id, int)
+                                                    or isinstance(self.end_think_token_id, bool)
+                                                    or self.end_think_token_id < 0):
+            raise RequestError(f"end_think_token_id must be a token id >= 0, got {self.end_think_token_id!r}")
 
 
 @dataclass
@@ -168,7 +185,7 @@ class GenerationResult:
                 "wall_time_s": round(self.wall_time_s, 4), "finish_reason": self.finish_reason}
 
 
-TokenCallback = Callable[[int, list[int]], None]   # (request_id, new token ids)
+TokenCallback = Callable[[int, list[int]], "bool | None"]   # (request_id, new token ids) -> False: stop here
 
 
 @dataclass
@@ -207,8 +224,24 @@ class SequenceState:
     def num_remaining(self) -> int:
         return self.request.max_new_tokens - len(self.generated)
 
+    def forced_token(self, index: int, before: Sequence[int] = ()) -> int | None:
+        """The token generated token number ``index`` (0-based) must be, or None if it is free.
+
+        The thinking budget (spec/model.md section 3, every decoding function of the reference code): when the
+        first ``max_thinking_tokens`` generated tokens hold no end-of-thinking token, the next one is forced to
+        it, so a thinking section never runs past the budget. ``before``: tokens between ``generated`` and
+        ``index`` that a multi-token step would emit first (a spec step's drafts, a diffusion canvas)."""
+        r = self.request
+        if r.max_thinking_tokens is None or index != r.max_thinking_tokens:
+            return None
+        if r.end_think_token_id in before or r.end_think_token_id in self.generated:
+            return None
+        return r.end_think_token_id
+
     def emit(self, tokens: list[int]) -> None:
-        """Append generated tokens, cutting after the first stop token and at max_new_tokens."""
+        """Append generated tokens, cutting after the first stop token and at max_new_tokens, and hand them to
+        ``on_tokens``; a callback that returns False ends the sequence (finish reason "stop": e.g. a stop string
+        matched on the decoded text, runtime.stopping)."""
         assert not self.is_finished
         out = []
         for t in tokens[:self.num_remaining]:
@@ -219,8 +252,8 @@ class SequenceState:
         self.generated.extend(out)
         if self.finish_reason is None and self.num_remaining == 0:
             self.finish_reason = "length"
-        if out and self.on_tokens is not None:
-            self.on_tokens(self.seq_id, out)
+        if out and self.on_tokens is not None and self.on_tokens(self.seq_id, out) is False:
+            self.finish_reason = "stop"
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.seq_id, list(self.request.prompt_ids), list(self.generated), self.finish_reason,

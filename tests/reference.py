@@ -224,11 +224,21 @@ def _truncate_after_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bo
 # ---- AR -----------------------------------------------------------------------------------------------
 
 
+def _think_force(thinking: tuple[int, int] | None, index: int, so_far: Sequence[int]) -> int | None:
+    """The thinking budget (spec/model.md section 3): ``thinking`` = (max_thinking_tokens, end_think_id); new
+    token number ``index`` is forced to end_think_id when it is number max_thinking_tokens and ``so_far`` (the
+    tokens before it) holds no end_think_id."""
+    if thinking is None or index != thinking[0] or thinking[1] in so_far:
+        return None
+    return thinking[1]
+
+
 def ref_ar_generate(weights: RefWeights, cfg: ModelConfig, prompt: Sequence[int], max_new_tokens: int,
-                    eos_ids: Iterable[int] = ()) -> list[int]:
+                    eos_ids: Iterable[int] = (), thinking: tuple[int, int] | None = None) -> list[int]:
     eos, emitted = set(eos_ids), []
     while len(emitted) < max_new_tokens:
-        emitted.append(_next_causal_token(weights, cfg, list(prompt) + emitted))
+        forced = _think_force(thinking, len(emitted), emitted)
+        emitted.append(forced if forced is not None else _next_causal_token(weights, cfg, list(prompt) + emitted))
         if emitted[-1] in eos:
             break
     return emitted
@@ -282,9 +292,11 @@ def _denoise_block(weights: RefWeights, cfg: ModelConfig, context: list[int], ca
 def ref_diffusion_generate(weights: RefWeights, cfg: ModelConfig, prompt: Sequence[int], max_new_tokens: int,
                            block_length: int, policy: str = "threshold", threshold: float = 0.9,
                            max_steps: int | None = None, causal_context: bool = True,
-                           eos_ids: Iterable[int] = (), revealed_per_step: list[int] | None = None) -> list[int]:
+                           eos_ids: Iterable[int] = (), revealed_per_step: list[int] | None = None,
+                           thinking: tuple[int, int] | None = None) -> list[int]:
     """New tokens; if ``revealed_per_step`` is given, the number of tokens each denoising pass revealed is
-    appended to it (all blocks, in order)."""
+    appended to it (all blocks, in order). ``thinking``: the budget forces the seed, or the canvas slot at the
+    budget position (unmasked from the start)."""
     eos, emitted = set(eos_ids), []
     revealed_per_step = [] if revealed_per_step is None else revealed_per_step
     MASK = cfg.mask_token_id
@@ -292,16 +304,22 @@ def ref_diffusion_generate(weights: RefWeights, cfg: ModelConfig, prompt: Sequen
     while len(emitted) < max_new_tokens:
         if causal_context:
             # seed = the causal (prefill / commit) prediction after the text so far; emitted at once
-            emitted.append(_next_causal_token(weights, cfg, list(prompt) + emitted))
+            forced = _think_force(thinking, len(emitted), emitted)
+            emitted.append(forced if forced is not None else _next_causal_token(weights, cfg, list(prompt) + emitted))
             if emitted[-1] in eos or len(emitted) >= max_new_tokens:
                 break
             context = list(prompt) + emitted[:-1]
             b = min(block_length, 1 + max_new_tokens - len(emitted))
             canvas = [emitted[-1]] + [MASK] * (b - 1)
+            first = len(emitted) - 1  # canvas slot j holds new token number first + j
         else:
             context = list(prompt) + emitted
             b = min(block_length, max_new_tokens - len(emitted))
             canvas = [MASK] * b
+            first = len(emitted)
+        if thinking is not None and 0 <= thinking[0] - first < b and canvas[thinking[0] - first] == MASK \
+                and _think_force(thinking, thinking[0], emitted) is not None:
+            canvas[thinking[0] - first] = thinking[1]
         canvas = _denoise_block(weights, cfg, context, canvas, policy, threshold, steps, eos, revealed_per_step)
         new, hit_eos = _truncate_after_eos(canvas[1:] if causal_context else canvas, eos)
         emitted.extend(new[: max_new_tokens - len(emitted)])
@@ -315,12 +333,16 @@ def ref_diffusion_generate(weights: RefWeights, cfg: ModelConfig, prompt: Sequen
 
 def ref_spec_generate(weights: RefWeights, cfg: ModelConfig, prompt: Sequence[int], max_new_tokens: int,
                       block_length: int, threshold: float = 0.0, use_lora: bool = True,
-                      eos_ids: Iterable[int] = ()) -> tuple[list[int], list[int]]:
+                      eos_ids: Iterable[int] = (), thinking: tuple[int, int] | None = None
+                      ) -> tuple[list[int], list[int]]:
     """(new tokens, accepted length per draft/verify cycle). Accepted lengths count the tokens each cycle
-    emitted (matched drafts + the bonus token, cut after an EOS); the prefill token t0 is not a cycle."""
+    emitted (matched drafts + the bonus token, cut after an EOS); the prefill token t0 is not a cycle.
+    ``thinking``: the budget forces t0 or the verify's AR token at the budget position (given the drafts
+    before it), and the draft canvas holds the forced token at that slot."""
     eos, MASK = set(eos_ids), cfg.mask_token_id
     lora = use_lora and weights.has_lora
-    emitted = [_next_causal_token(weights, cfg, prompt)]
+    forced = _think_force(thinking, 0, [])
+    emitted = [forced if forced is not None else _next_causal_token(weights, cfg, prompt)]
     accepted: list[int] = []
     if emitted[0] in eos:
         return emitted, accepted
@@ -328,6 +350,10 @@ def ref_spec_generate(weights: RefWeights, cfg: ModelConfig, prompt: Sequence[in
         context = list(prompt) + emitted[:-1]
         b = min(block_length, max_new_tokens - len(emitted))
         block = [emitted[-1]] + [MASK] * (b - 1)
+        g = len(emitted)  # block slot j (j >= 1) and AR token a_(j-1) are new token number g + j - 1
+        k = None if thinking is None else thinking[0] - g
+        if k is not None and 0 <= k < b - 1 and _think_force(thinking, thinking[0], emitted) is not None:
+            block[k + 1] = thinking[1]
         while MASK in block:  # draft: block-bidirectional, LoRA on the block's tokens
             logits = _denoise_logits(weights, cfg, context, block, use_lora=lora)
             x0 = select(logits, MASK)
@@ -344,6 +370,9 @@ def ref_spec_generate(weights: RefWeights, cfg: ModelConfig, prompt: Sequence[in
         ids = context + block
         logits = ref_logits(weights, cfg, ids, causal_allowed(len(ids)))[len(context):]
         ar = [int(t) for t in select(logits, MASK)]
+        if k is not None and 0 <= k < b:
+            forced = _think_force(thinking, g + k, emitted + block[1:k + 1])
+            ar[k] = ar[k] if forced is None else forced
         n = 1
         while n < b and ar[n - 1] == block[n]:
             n += 1

@@ -1,6 +1,7 @@
 """The ``trimode`` command line.
 
     trimode generate --model DIR --mode {ar,diffusion,spec} [options] PROMPT
+    trimode generate --model DIR --chat [--system TEXT] [--stop TEXT] [--max-thinking-tokens N] PROMPT
     trimode generate --engine DIR [--executor auto|tensorrt|onnxruntime|torch] ...   (an engine directory)
     trimode triton-repo --model DIR --out REPO      (runtime/cli/serve.py)
     trimode serve --repo REPO | --model DIR         (runtime/cli/serve.py)
@@ -27,10 +28,10 @@ from trimode.runtime.executors.engine_dir import EngineDirError
 from trimode.runtime.executors.trt_executor import tensorrt_runnable
 from trimode.runtime.kv_cache import KVCacheExhausted
 from trimode.runtime.model.hf_format import CheckpointError
-from trimode.runtime.model.tokenizer import StreamDecoder
 from trimode.runtime.request import Mode, ModeConfig, RequestError, mode_config
 from trimode.runtime.sampling import SamplingError
 from trimode.runtime.serving.server import ServingError
+from trimode.runtime.stopping import OutputAssembler
 
 MODES = [m.value for m in Mode]
 
@@ -43,6 +44,18 @@ def _positive_int(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {value}")
+        return value
+    return parse
+
+
+def _non_negative_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {value}")
         return value
     return parse
 
@@ -99,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=None)
     g.add_argument("--top-p", type=_unit_float("--top-p", low_open=True), default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true",
+                   help="the prompt is a user message: render it with the checkpoint's chat template")
+    g.add_argument("--system", default=None, help="with --chat: a system message before the user's")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string (repeatable): the output ends before its first occurrence")
+    g.add_argument("--max-thinking-tokens", type=_non_negative_int("--max-thinking-tokens"), default=None,
+                   help="thinking budget: force the end-of-thinking token after this many tokens without it")
+    g.add_argument("--end-think-token-id", type=_non_negative_int("--end-think-token-id"), default=None,
+                   help="the end-of-thinking token id (default: config.json's end_think_token_id, else the "
+                        "tokenizer's </think>)")
     # the runtime's sizes, kernels and dtype: options derived from runtime.settings (one table for CLI and Triton)
     settings.add_arguments(g, names=settings.GENERATE_OPTIONS)
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
@@ -140,13 +163,22 @@ def generate(args: argparse.Namespace, lm=None) -> int:
         print(f"trimode: error: {args.engine or args.model} has no tokenizer.json; text prompts need one",
               file=sys.stderr)
         return 2
-    request = lm.request(args.prompt, args.max_new_tokens, _mode_config(args, lm.default_block_length),
-                         temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p, seed=args.seed)
-    stream = StreamDecoder(lm.tokenizer)
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
+    prompt = args.prompt
+    if args.chat:
+        prompt = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+            [{"role": "user", "content": args.prompt}]
+    request = lm.request(prompt, args.max_new_tokens, _mode_config(args, lm.default_block_length),
+                         temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p, seed=args.seed,
+                         stop=args.stop, max_thinking_tokens=args.max_thinking_tokens,
+                         end_think_token_id=args.end_think_token_id)
+    stream = OutputAssembler(lm.tokenizer, request.stop)  # what is printed: stop strings never shown
 
     def on_tokens(_: int, ids: list[int]) -> None:
+        stream.push(ids)
         if not args.json:
-            sys.stdout.write(stream.push(ids))
+            sys.stdout.write(stream.take()[0])
             sys.stdout.flush()
 
     start = time.perf_counter()
@@ -157,6 +189,8 @@ def generate(args: argparse.Namespace, lm=None) -> int:
         print(f"trimode: error: {e}; raise --num-pages", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
+    if not args.json:
+        sys.stdout.write(stream.finish()[0])
     counters = {"mode": args.mode, **result.counters(), "tokens_per_s": round(len(result.token_ids) / elapsed, 2)}
     if args.json:
         print(json.dumps({"text": result.text, **counters}))

@@ -5,7 +5,7 @@ A repository written by ``runtime.serving.repository`` holds a ``model.py`` that
 ``TritonPythonModel`` from here, so the serving code is part of the installed package. Each Triton request is
 read and checked by ``runtime.serving.triton_request`` (its inputs, their defaults and the ``config.pbtxt``
 parameters are listed there) and becomes one engine request; its responses are sent from the engine loop thread
-as tokens are accepted (``StreamAssembler``: UTF-8 safe text increments and stop strings; ``TritonSink``: the
+as tokens are accepted (``runtime.stopping.OutputAssembler``: UTF-8 safe text increments, stop strings never emitted; ``TritonSink``: the
 decoupled response sender).
 
 Outputs: ``text_output`` (STRING [1]: the text increment, or the whole text when not streaming),
@@ -40,55 +40,14 @@ except ImportError:  # pragma: no cover - imported outside Triton (tests of the 
     pb_utils = None
 
 from trimode.runtime import settings
-from trimode.runtime.model.tokenizer import StreamDecoder
 from trimode.runtime.request import GenerationResult
 from trimode.runtime.serving.server import DRAIN_TOKEN_ENV
 from trimode.runtime.serving.triton_request import (INPUTS, ParsedRequest, check_request_parameters, parse_parameters,
                                                     parse_request, request_limits)
-from trimode.runtime.stopping import StopStringMatcher
+from trimode.runtime.stopping import OutputAssembler
 
 
 # ---- streaming one request back ---------------------------------------------------------------------------
-
-class StreamAssembler:
-    """Per-request output state: text increments (UTF-8 safe), stop strings (``runtime.stopping``: matched on
-    the decoded text; the text ends right after the first match, the ids with the token that completed it),
-    what has been sent."""
-
-    def __init__(self, tokenizer, stop_strings: tuple[str, ...] = ()) -> None:
-        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-        self.stop = StopStringMatcher(stop_strings) if stop_strings and tokenizer is not None else None
-        self.text, self.ids = "", []
-        self.sent_chars = self.sent_ids = 0
-
-    @property
-    def stopped(self) -> bool:
-        return self.stop is not None and self.stop.is_stopped
-
-    def push(self, ids: list[int]) -> bool:
-        """Add accepted tokens; False once a stop string has matched (the tokens after it are dropped)."""
-        if self.stopped:
-            return False
-        if self.decoder is None:
-            self.ids.extend(ids)
-            return True
-        if self.stop is None:
-            self.ids.extend(ids)
-            self.text += self.decoder.push(ids)
-            return True
-        for t in ids:  # token by token: the match ends the output at the token that completed it
-            self.ids.append(t)
-            if self.stop.push(self.decoder.push([t])):
-                break
-        self.text = self.stop.text
-        return not self.stopped
-
-    def take(self) -> tuple[str, list[int]]:
-        """The text and ids not sent yet."""
-        text, ids = self.text[self.sent_chars:], self.ids[self.sent_ids:]
-        self.sent_chars, self.sent_ids = len(self.text), len(self.ids)
-        return text, ids
-
 
 def result_counters(result: GenerationResult, timing: dict, mode: str, num_ids: int) -> dict:
     """The ``counters`` JSON of a request's last response: the result's counters (or only its finish reason
@@ -103,7 +62,7 @@ class TritonSink:
 
     def __init__(self, request, sender, parsed: ParsedRequest, tokenizer) -> None:
         self.request, self.sender, self.parsed = request, sender, parsed
-        self.out = StreamAssembler(tokenizer, parsed.stop_strings)
+        self.out = OutputAssembler(tokenizer, parsed.stop_strings)
         self.broken = False
 
     def _send(self, text: str, ids: list[int], finish_reason: str, counters: str, final: bool) -> None:
@@ -132,7 +91,7 @@ class TritonSink:
         return keep_going
 
     def on_finish(self, result: GenerationResult, timing: dict) -> None:
-        text, ids = self.out.take()
+        text, ids = self.out.finish()
         counters = result_counters(result, timing, self.parsed.mode, len(self.out.ids))
         self._send(text, ids, result.finish_reason or "", json.dumps(counters), final=True)
 

@@ -17,7 +17,7 @@ Inputs (all optional in ``config.pbtxt``; checked here so that every error names
 | top_p | FP32 [1] | 1 | nucleus filter |
 | top_k | INT32 [1] | 0 | 0 = off |
 | seed | INT64 [1] | random | sampling seed |
-| stop | STRING [-1] | – | stop strings (output ends after the first match, the match included) |
+| stop | STRING [-1] | – | stop strings (output ends before the first match; the match is not emitted) |
 | stream | BOOL [1] | true | false: one response with the whole text |
 | command | STRING [1] | – | "stats": answer with the health snapshot instead of generating; "drain TOKEN": end every request in flight with "the server is shutting down" and refuse new ones (TOKEN: the launcher's ``TRIMODE_DRAIN_TOKEN``) |
 

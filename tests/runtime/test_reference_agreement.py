@@ -344,3 +344,70 @@ def test_eos_paths_match_reference(reference, runtime_lm):
             assert got_acc[:-1] == accepted[:-1] and len(got_acc) == len(accepted), \
                 f"{what}: accepted lengths\n runtime:   {got_acc}\n reference: {accepted}"
     assert stopped >= 4, "the chosen EOS tokens should stop several of the generations early"
+
+
+# ---- 6. thinking budget ---------------------------------------------------------------------------------
+
+END_THINK = 0  # an id the favourite-token head never picks: wherever it appears, the budget put it there
+
+
+def _block_of(what: str) -> int:
+    return int(what.split("B=")[1].split()[0])
+
+
+@pytest.mark.parametrize("budget", [0, 5, 13])
+def test_thinking_budget_matches_reference_in_every_mode(budget, reference, runtime_lm):
+    """The end-of-thinking token lands exactly at the budget in AR, diffusion (seeded and all-mask canvases)
+    and spec (with and without the drafter), batched, as the independent reference places it; greedy spec with
+    the budget equals greedy AR with the budget."""
+    pytest.importorskip("trimode.runtime.api")
+    weights, cfg = reference(MAIN)
+    lm = runtime_lm(MAIN)
+    prompts = _prompts()
+    think = dict(max_thinking_tokens=budget, end_think_token_id=END_THINK, eos_token_ids=[NO_EOS])
+    ar = lm.ar_generate(prompts, max_new_tokens=MAX_NEW, **think)
+    runs = {"ar": (ar, {}),
+            "diffusion B=8": (lm.generate(prompts, max_new_tokens=MAX_NEW, block_length=8, threshold=0.7, **think),
+                              dict(block_length=8, threshold=0.7)),
+            "diffusion B=4 no-seed": (lm.generate(prompts, max_new_tokens=MAX_NEW, block_length=4, policy="topk",
+                                                  causal_context=False, **think),
+                                      dict(block_length=4, policy="topk", causal_context=False)),
+            "spec B=8": (lm.linear_spec_generate(prompts, max_new_tokens=MAX_NEW, block_length=8, **think), {}),
+            "spec B=4 no-lora": (lm.linear_spec_generate(prompts, max_new_tokens=MAX_NEW, block_length=4,
+                                                         use_lora=False, **think), {})}
+    for what, (outs, kw) in runs.items():
+        _check_results(outs, prompts)
+        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+            got = list(out.token_ids)
+            assert got[budget] == END_THINK and END_THINK not in got[:budget], f"{what} prompt {i}: {got}"
+            if what == "ar":
+                want = ref_ar_generate(weights, cfg, prompt, MAX_NEW, eos_ids=[NO_EOS], thinking=(budget, END_THINK))
+            elif what.startswith("diffusion"):
+                want = ref_diffusion_generate(weights, cfg, prompt, MAX_NEW, eos_ids=[NO_EOS],
+                                              thinking=(budget, END_THINK), **kw)
+            else:
+                want, _ = ref_spec_generate(weights, cfg, prompt, MAX_NEW, block_length=_block_of(what),
+                                            use_lora="no-lora" not in what, eos_ids=[NO_EOS],
+                                            thinking=(budget, END_THINK))
+                assert got == list(ar[i].token_ids), f"{what} prompt {i}: spec with a budget differs from AR"
+            _assert_same_tokens(got, want, f"{what} budget={budget} prompt {i}")
+
+
+def test_thinking_budget_is_not_forced_after_thinking_ended(reference, runtime_lm):
+    """An end-of-thinking token the model produced itself before the budget: nothing is forced (AR and spec
+    equal the unconstrained output); a sampled spec run keeps the forced token too."""
+    pytest.importorskip("trimode.runtime.api")
+    weights, cfg = reference(MAIN)
+    lm = runtime_lm(MAIN)
+    prompt = _prompts()[1]
+    free = list(lm.ar_generate([prompt], max_new_tokens=MAX_NEW, eos_token_ids=[NO_EOS])[0].token_ids)
+    natural = free[3]  # ends "thinking" at token 3 by itself
+    think = dict(max_thinking_tokens=9, end_think_token_id=natural, eos_token_ids=[NO_EOS])
+    assert list(lm.ar_generate([prompt], max_new_tokens=MAX_NEW, **think)[0].token_ids) == free
+    assert list(lm.linear_spec_generate([prompt], max_new_tokens=MAX_NEW, block_length=8, **think)[0].token_ids) \
+        == free
+    sampled = lm.linear_spec_generate([prompt], max_new_tokens=MAX_NEW, block_length=8, temperature=1.0, seed=3,
+                                      max_thinking_tokens=6, end_think_token_id=END_THINK,
+                                      eos_token_ids=[NO_EOS])[0]
+    got = list(sampled.token_ids)
+    assert (END_THINK in got[:6]) or got[6] == END_THINK, got

@@ -11,9 +11,9 @@ import pytest
 
 from trimode.runtime.api import TriModeLM
 from trimode.runtime.serving.engine_service import EngineService
-from trimode.runtime.serving.triton_model import StreamAssembler
 from trimode.runtime.serving.triton_request import parse_parameters, parse_request
-from trimode.runtime.stopping import StopStringError, StopStringMatcher, check_stop_strings, special_stop_ids
+from trimode.runtime.stopping import (OutputAssembler, StopStringError, StopStringMatcher, check_stop_strings,
+                                      special_stop_ids)
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-kjv"
 PARAMS = parse_parameters({"default_max_tokens": "40", "default_mode": "ar"})
@@ -57,7 +57,7 @@ def _stream(kjv, stop: list[str], prompt: str = "And he said", mode: str = "ar")
     inputs = {"text_input": np.array([prompt.encode()], dtype=object), "mode": np.array([mode.encode()], dtype=object),
               "stop": np.array([s.encode() for s in stop], dtype=object)}
     parsed = parse_request(inputs, kjv, PARAMS)
-    out = StreamAssembler(kjv.tokenizer, parsed.stop_strings)
+    out = OutputAssembler(kjv.tokenizer, parsed.stop_strings)
     done = threading.Event()
     box = {}
 
@@ -92,7 +92,7 @@ def test_single_token_stop_string_fires_in_context(kjv, mode):
     assert " unto" in full.text and kjv.tokenizer.encode("unto") != kjv.tokenizer.encode(" unto")
     out, result = _stream(kjv, ["unto"], mode=mode)
     assert result.finish_reason == "stop" and len(result.token_ids) < 40
-    assert out.text.endswith("unto") and out.text == full.text[:full.text.index("unto") + len("unto")]
+    assert out.stop_string == "unto" and out.text == full.text[:full.text.index("unto")]  # never emitted
     assert out.ids == full.token_ids[:len(out.ids)] and kjv.tokenizer.decode(out.ids[-1:]) == " unto"
 
 
@@ -100,9 +100,60 @@ def test_single_token_stop_string_fires_in_context(kjv, mode):
 def test_other_stop_strings_end_the_output_at_the_match(kjv, stop):
     """Several tokens, a stop inside a longer token (" them"), one of several stop strings."""
     full = kjv.ar_generate(["And he said"], max_new_tokens=40)[0]
-    end = min(full.text.index(s) + len(s) for s in stop if s in full.text)
+    _, _, first = min((full.text.index(s) + len(s), -len(s), s) for s in stop if s in full.text)
     out, result = _stream(kjv, stop)
-    assert result.finish_reason == "stop" and out.text == full.text[:end]
+    assert result.finish_reason == "stop" and out.stop_string == first
+    assert out.text == full.text[:full.text.index(first)]  # cut before the match
     # the ids end with the token that completed the match
-    assert kjv.tokenizer.decode(out.ids).startswith(out.text) and not kjv.tokenizer.decode(out.ids[:-1]) \
-        .startswith(out.text)
+    matched = out.text + first
+    assert kjv.tokenizer.decode(out.ids).startswith(matched) and not kjv.tokenizer.decode(out.ids[:-1]) \
+        .startswith(matched)
+
+
+# ---- the Python API and the CLI -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+def test_api_stop_strings_end_the_output_before_the_match(kjv, mode):
+    """``stop=`` in every entry point: the text ends before the first match, the ids with the token that completed
+    it, the callback sees no token after it, and a request without stop strings in the same batch is untouched."""
+    entry = {"ar": kjv.ar_generate, "diffusion": kjv.generate, "spec": kjv.linear_spec_generate}[mode]
+    prompts = ["And he said", "In the beginning"]
+    free = entry(prompts, max_new_tokens=40)
+    stop = free[0].text[14:22]  # eight characters from the middle of the output, whatever tokens spell them
+    assert stop.strip()
+    requests = [kjv.request(prompts[0], 40, free_mode(kjv, mode), stop=[stop]),
+                kjv.request(prompts[1], 40, free_mode(kjv, mode))]
+    seen: dict[int, list[int]] = {}
+    out = kjv.run(requests, on_tokens=lambda rid, ids: seen.setdefault(rid, []).extend(ids))
+    cut = free[0].text.index(stop)
+    assert out[0].finish_reason == "stop" and out[0].text == free[0].text[:cut]
+    ids = out[0].token_ids
+    assert ids == free[0].token_ids[:len(ids)] and seen[out[0].request_id] == ids
+    assert kjv.tokenizer.decode(ids).startswith(free[0].text[:cut] + stop)
+    assert not kjv.tokenizer.decode(ids[:-1]).startswith(free[0].text[:cut] + stop)
+    assert out[1].token_ids == free[1].token_ids and out[1].text == free[1].text  # its neighbour is untouched
+    assert kjv.cache.stats().num_free_pages == kjv.cache.num_pages  # every page is back
+
+
+def free_mode(lm, mode: str):
+    from trimode.runtime.request import mode_config
+
+    return mode_config(mode, lm.default_block_length)
+
+
+def test_api_rejects_bad_stop_strings(kjv):
+    with pytest.raises(StopStringError, match="empty"):
+        kjv.ar_generate("And", max_new_tokens=4, stop=[""])
+    with pytest.raises(StopStringError, match="strings"):
+        kjv.ar_generate("And", max_new_tokens=4, stop=[3])
+    assert kjv.ar_generate("And", max_new_tokens=4, stop="zzzz")[0].finish_reason == "length"  # one string
+
+
+def test_cli_stop_prints_up_to_the_match(kjv, capsys):
+    from trimode.runtime.cli import main
+
+    free = kjv.ar_generate("And he said", max_new_tokens=40)[0].text
+    assert main(["generate", "--model", str(MODEL), "--mode", "ar", "--max-new-tokens", "40", "--stop", "Son of",
+                 "--stop", "zzz", "And he said"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(free[:free.index("Son of")] + "\n[ar] ")

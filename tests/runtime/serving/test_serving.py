@@ -13,8 +13,8 @@ import pytest
 from conftest import make_lm
 from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
 from trimode.runtime.serving.engine_service import EngineService
-from trimode.runtime.serving.triton_model import StreamAssembler
 from trimode.runtime.serving.triton_request import PARAMETERS, parse_parameters, parse_request
+from trimode.runtime.stopping import OutputAssembler
 
 PARAMS = parse_parameters({"max_tokens_limit": "500", "default_max_tokens": "7", "default_mode": "spec"})
 
@@ -211,14 +211,18 @@ def test_parameters():
         parse_parameters({"nmu_pages": "4"})
 
 
-def test_stream_assembler_stop_strings(ckpt):
+def test_output_assembler_stop_strings(ckpt):
+    """The Triton model's output assembly (runtime.stopping.OutputAssembler): the match is never emitted, and a
+    tail that may still become it is held back while streaming."""
     lm = make_lm(ckpt)
-    out = StreamAssembler(lm.tokenizer, ("w7 w8",))
+    out = OutputAssembler(lm.tokenizer, ("w7 w8",))
     assert out.push([5, 6]) and out.take() == ("w5 w6", [5, 6])
-    assert out.push([7]) is True
-    assert out.push([8, 9, 10]) is False
-    assert out.take() == (" w7 w8", [7, 8]) and out.push([11]) is False
-    plain = StreamAssembler(None)
+    assert out.push([7]) is True and out.take() == (" ", [7])  # "w7" may start the stop string: held back
+    assert out.push([8, 9, 10]) is False and out.stop_string == "w7 w8"
+    assert out.take() == ("", [8]) and out.push([11]) is False and out.text == "w5 w6 "
+    out = OutputAssembler(lm.tokenizer, ("w7 w8",))
+    assert out.push([5, 7]) and out.take() == ("w5 ", [5, 7]) and out.finish() == ("w7", [])  # no match: released
+    plain = OutputAssembler(None)
     assert plain.push([1, 2]) and plain.take() == ("", [1, 2])
 
 

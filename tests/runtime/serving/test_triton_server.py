@@ -132,19 +132,19 @@ def test_input_ids_stop_string_and_non_streaming(server, lm):
         assert whole.error is None and whole.chunks == 1
         assert whole.token_ids == ref.token_ids and whole.text == ref.text
         # stop strings match the decoded text (a one-token string may also end inside an earlier, longer token);
-        # the output ends with the first match, its ids with the token that completed it
+        # the output ends before the first match (never emitted), its ids with the token that completed it
         one = lm.tokenizer.decode([ref.token_ids[4]])
         r = c.generate(input_ids=list(ids), max_tokens=12, mode="ar", stop=[one])
-        cut = ref.text.find(one) + len(one)
+        cut = ref.text.find(one)
         assert r.finish_reason == "stop" and r.text == ref.text[:cut]
-        done = next(n for n in range(1, 13) if len(lm.tokenizer.decode(ref.token_ids[:n])) >= cut)
+        done = next(n for n in range(1, 13) if len(lm.tokenizer.decode(ref.token_ids[:n])) >= cut + len(one))
         assert r.token_ids == ref.token_ids[:done]
         two = lm.tokenizer.decode(ref.token_ids[6:8])
         r = c.generate(input_ids=list(ids), max_tokens=12, mode="diffusion", stop=[two])
         ref_d = lm.run([lm.request(ids, 12, mode_config("diffusion"))])[0]
         cut = ref_d.text.find(two)
         if cut >= 0:
-            assert r.finish_reason == "stop" and r.text == ref_d.text[:cut + len(two)]
+            assert r.finish_reason == "stop" and r.text == ref_d.text[:cut]
         else:
             assert r.text == ref_d.text
 

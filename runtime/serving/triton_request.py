@@ -8,6 +8,7 @@ Inputs (all optional in ``config.pbtxt``; checked here so that every error names
 |---|---|---|---|
 | text_input | STRING [1] | – | the prompt text (or give input_ids), at most max_prompt_bytes UTF-8 bytes |
 | input_ids | INT32 [-1] | – | the prompt as token ids, at most max_prompt_tokens of them |
+| messages | STRING [1] | – | the prompt as a conversation: a JSON list of {"role", "content"} messages, rendered with the checkpoint's chat template (at most max_prompt_bytes UTF-8 bytes) |
 | max_tokens | INT32 [1] | parameter default_max_tokens | new tokens to generate, 1 .. max_tokens_limit |
 | mode | STRING [1] | parameter default_mode | ar, diffusion or spec |
 | block_length | INT32 [1] | checkpoint block_size | diffusion / spec block length, 1 .. max_block_length |
@@ -17,6 +18,8 @@ Inputs (all optional in ``config.pbtxt``; checked here so that every error names
 | top_p | FP32 [1] | 1 | nucleus filter |
 | top_k | INT32 [1] | 0 | 0 = off |
 | seed | INT64 [1] | random | sampling seed |
+| max_thinking_tokens | INT32 [1] | – | thinking budget: the end-of-thinking token is forced after this many tokens without it |
+| end_think_token_id | INT32 [1] | the model's | the end-of-thinking token (default: config.json's end_think_token_id, else the tokenizer's ``</think>``) |
 | stop | STRING [-1] | – | stop strings (output ends before the first match; the match is not emitted) |
 | stream | BOOL [1] | true | false: one response with the whole text |
 | command | STRING [1] | – | "stats": answer with the health snapshot instead of generating; "drain TOKEN": end every request in flight with "the server is shutting down" and refuse new ones (TOKEN: the launcher's ``TRIMODE_DRAIN_TOKEN``) |
@@ -39,6 +42,7 @@ parameter. The mode config comes from ``runtime.request.mode_config`` (the defau
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +53,9 @@ from trimode.runtime.stopping import check_stop_strings, special_stop_ids
 
 MODES = tuple(m.value for m in Mode)
 COMMANDS = ("stats", "drain")
-INPUTS = ("text_input", "input_ids", "max_tokens", "mode", "block_length", "threshold", "temperature", "top_p",
-          "top_k", "seed", "stop", "stream", "use_lora", "command")
+INPUTS = ("text_input", "input_ids", "messages", "max_tokens", "mode", "block_length", "threshold", "temperature",
+          "top_p", "top_k", "seed", "stop", "stream", "use_lora", "max_thinking_tokens", "end_think_token_id",
+          "command")
 
 # parameter name -> (default, parser); the repository generator writes the same names. The runtime settings'
 # entries (dtype, executor, num_pages, page_size, max_concurrent_requests, threads) are
@@ -199,6 +204,25 @@ def _text_bytes(inputs: dict, name: str, limit: int) -> None:
                                f"budget and the vocabulary)")
 
 
+def _conversation_ids(text: str, lm) -> tuple[int, ...]:
+    """The ``messages`` input: a JSON list of messages, rendered with the checkpoint's chat template."""
+    try:
+        messages = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"messages is not valid JSON: {e}") from None
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise RequestError("messages must be a JSON list of {\"role\", \"content\"} objects")
+    if lm.tokenizer is None:
+        raise RequestError("this model has no tokenizer: messages need one (and its chat template)")
+    try:
+        ids = lm.apply_chat_template(messages)
+    except ValueError as e:  # ChatTemplateError: no template, malformed messages, the template's own refusal
+        raise RequestError(f"messages: {e}") from None
+    if not ids:
+        raise RequestError("messages render to no tokens: the prompt needs at least one token")
+    return ids
+
+
 def parse_request(inputs: dict, lm, params: dict, limits: RequestLimits | None = None) -> ParsedRequest:
     """Turn a request's input tensors into a validated ``GenerationRequest``; ``RequestError``/``SamplingError``
     (both ``ValueError``) name the offending input otherwise. ``limits``: ``request_limits(lm, params)``
@@ -214,12 +238,16 @@ def parse_request(inputs: dict, lm, params: dict, limits: RequestLimits | None =
             raise RequestError(f"unknown command {command[:40]!r}: the commands are {', '.join(COMMANDS)}")
         return ParsedRequest(None, "", False, (), name, argument.strip())
 
+    given = [name for name in ("text_input", "input_ids", "messages") if inputs.get(name) is not None]
+    if not given:
+        raise RequestError("missing input: one of text_input, input_ids or messages is required")
+    if len(given) > 1:
+        raise RequestError(f"give one of text_input, input_ids or messages, not {' and '.join(given)}")
     text, ids = inputs.get("text_input"), inputs.get("input_ids")
-    if text is None and ids is None:
-        raise RequestError("missing input: one of text_input or input_ids is required")
-    if text is not None and ids is not None:
-        raise RequestError("give either text_input or input_ids, not both")
-    if text is not None:
+    if given == ["messages"]:
+        _text_bytes(inputs, "messages", limits.max_prompt_bytes)
+        prompt_ids = _conversation_ids(_scalar(inputs, "messages", "str"), lm)
+    elif text is not None:
         _text_bytes(inputs, "text_input", limits.max_prompt_bytes)
         prompt = _scalar(inputs, "text_input", "str")
         if not prompt.strip():
@@ -287,6 +315,14 @@ def parse_request(inputs: dict, lm, params: dict, limits: RequestLimits | None =
             raise RequestError("stop strings need a tokenizer; this model has none")
         stop_ids = special_stop_ids(lm.tokenizer, stop_strings)
     stream = _scalar(inputs, "stream", "bool")
+    budget = _scalar(inputs, "max_thinking_tokens", "int")
+    end_think = _scalar(inputs, "end_think_token_id", "int")
+    if end_think is None:
+        end_think = lm.end_think_token_id
+    elif not 0 <= end_think < lm.config.vocab_size:
+        raise RequestError(f"end_think_token_id {end_think} is outside the vocabulary (size {lm.config.vocab_size})")
     request = GenerationRequest(tuple(prompt_ids), max_tokens, mode_cfg, sampling,
-                                frozenset(lm.config.eos_token_ids) | frozenset(stop_ids))
+                                frozenset(lm.config.eos_token_ids) | frozenset(stop_ids),
+                                max_thinking_tokens=budget, end_think_token_id=end_think if budget is not None else None,
+                                stop=check_stop_strings(stop_strings))
     return ParsedRequest(request, mode, True if stream is None else stream, check_stop_strings(stop_strings))

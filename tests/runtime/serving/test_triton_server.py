@@ -368,3 +368,17 @@ def test_two_mpi_ranks_serve_what_one_process_computes(ckpt, lm, tmp_path):
             job.kill()
     log = (tmp_path / "tritonserver.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_thinking_budget_and_messages_inputs(server, lm):
+    """The instruct inputs reach the model through config.pbtxt: the thinking budget forces its token at the
+    budget (spec == AR with it); messages to a checkpoint without a chat template get a clear error."""
+    ids = lm.encode(prompt_words(5, offset=1))
+    ref = lm.run([lm.request(ids, 10, mode_config("ar"), max_thinking_tokens=4, end_think_token_id=9)])[0]
+    assert ref.token_ids[4] == 9
+    with client(server) as c:
+        r = c.generate(input_ids=list(ids), max_tokens=10, mode="spec", max_thinking_tokens=4, end_think_token_id=9)
+        assert r.error is None and r.token_ids == ref.token_ids
+        bad = c.generate(messages=[{"role": "user", "content": "w5"}], max_tokens=4)
+        assert bad.error is not None and "chat template" in bad.error
+        assert c.generate(input_ids=list(ids), max_tokens=3).error is None  # still serving

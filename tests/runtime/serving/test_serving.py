@@ -188,7 +188,7 @@ def test_parse_defaults_and_modes(ckpt):
     ({"max_tokens": i32(3)}, ["missing input"]),
     ({"text_input": s("   ")}, ["empty"]),
     ({"input_ids": np.zeros(0, dtype=np.int32)}, ["input_ids", "empty"]),
-    ({"text_input": s("w5"), "input_ids": i32(5)}, ["either"]),
+    ({"text_input": s("w5"), "input_ids": i32(5)}, ["give one of", "text_input and input_ids"]),
     ({"text_input": s("w5"), "max_tokens": np.array([2.0], dtype=np.float32)}, ["max_tokens", "integer"]),
     ({"text_input": s("w5"), "mode": np.array([b"ar", b"spec"], dtype=object)}, ["mode", "one value"]),
     ({"text_input": np.array([b"\xff\xfe"], dtype=object)}, ["UTF-8"]),

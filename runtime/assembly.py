@@ -26,6 +26,7 @@ from trimode.runtime.model.tokenizer import Tokenizer
 from trimode.runtime.parallel.comm import TPComm
 from trimode.runtime.parallel.sharding import load_sharded_model
 from trimode.runtime.parallel.step import MirrorCache, TensorParallelExecutor, TensorParallelWorker, handshake
+from trimode.runtime.scheduling import load_costs
 from trimode.runtime.settings import DEFAULTS, RuntimeSettings
 
 ExecutorFactory = Callable[[NLDModel, PagedKVCache], Executor]  # called as factory(model, cache)
@@ -91,7 +92,16 @@ def from_checkpoint(path: str | Path, settings: RuntimeSettings = DEFAULTS, dtyp
     """The runtime of checkpoint ``path`` (plain or ModelOpt-quantized; ``CheckpointError`` names what is wrong).
     ``dtype`` overrides ``settings.dtype``."""
     model = load_model(path, dtype=dtype if dtype is not None else settings.torch_dtype, device=device)
-    return build_runtime(model, load_tokenizer(path, model.config), settings)
+    return with_measured_costs(build_runtime(model, load_tokenizer(path, model.config), settings), path)
+
+
+def with_measured_costs(rt: Runtime, directory: str | Path) -> Runtime:
+    """Give mode ``auto`` the pass costs measured for this runtime's executor and stored beside ``directory``
+    (``pass_costs.<executor>.json``: ``trimode profile --save``), when there are some."""
+    costs = load_costs(directory, rt.settings.executor)
+    if costs is not None:
+        rt.engine.scheduler.costs = costs
+    return rt
 
 
 def engine_executor(directory: str | Path) -> str:
@@ -159,7 +169,7 @@ def from_engine_dir(directory: str | Path, executor: str = "onnxruntime", settin
                          f"'onnxruntime' or 'torch'")
     rt = build_runtime(model, load_tokenizer(ckpt, model.config), settings, factory, limits, pool_device)
     rt.engine_manifest = manifest
-    return rt
+    return with_measured_costs(rt, directory)
 
 
 def rank_runtime(model: NLDModel, comm: TPComm, make_inner: ExecutorFactory, tokenizer_dir: str | Path,

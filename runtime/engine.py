@@ -22,6 +22,7 @@ later step (each engine kind's tokens per forward are a budget filled in admissi
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import deque
 from collections.abc import Sequence
 
@@ -31,14 +32,18 @@ from trimode.runtime.executors.engine_kinds import PASS_TO_KIND
 from trimode.runtime.kv_cache import KVCacheExhausted
 from trimode.runtime.modes import make_policies
 from trimode.runtime.passes import PassKind, SeqPass
-from trimode.runtime.request import (GenerationRequest, GenerationResult, Mode, RequestError, SequenceState,
-                                     TokenCallback)
+from trimode.runtime.request import (ARConfig, AutoConfig, GenerationRequest, GenerationResult, Mode, RequestError,
+                                     SequenceState, SpecConfig, TokenCallback)
+from trimode.runtime.scheduling import AcceptanceEstimate, AutoScheduler, Candidate, DefaultCosts
 from trimode.runtime.settings import DEFAULTS
 
 # the passes each mode runs, and how many tokens each holds (b: the mode's block length)
 _MODE_PASSES = {Mode.AR: ((PassKind.DECODE, lambda b: 1),),
                 Mode.DIFFUSION: ((PassKind.DENOISE, lambda b: b), (PassKind.COMMIT, lambda b: b)),
-                Mode.SPEC: ((PassKind.DRAFT, lambda b: b), (PassKind.VERIFY, lambda b: b))}
+                Mode.SPEC: ((PassKind.DRAFT, lambda b: b), (PassKind.VERIFY, lambda b: b)),
+                Mode.AUTO: ((PassKind.DECODE, lambda b: 1), (PassKind.DRAFT, lambda b: b),
+                            (PassKind.VERIFY, lambda b: b))}
+_NEEDS = {Mode.AUTO: ("ar", "spec")}  # the built modes a mode runs as
 
 
 class Engine:
@@ -60,6 +65,7 @@ class Engine:
         self.max_positions = max_position_embeddings
         self.max_batch_size = max_batch_size
         self.limits = limits
+        self.scheduler = AutoScheduler()  # mode auto's costs: set .costs to a measured PassCostTable
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
         self.finished: dict[int, GenerationResult] = {}
@@ -98,9 +104,10 @@ class Engine:
                                f"were built for")
         passes = [(PassKind.PREFILL, len(request.prompt_ids), "the prompt")]
         for cfg in (request.mode, *(m for _, m in request.switches)):
-            if cfg.mode.value not in lim.modes:
-                raise RequestError(f"mode {cfg.mode.value!r} is not available: the engines of {lim.source} were built "
-                                   f"for modes {list(lim.modes)} (build_engine.py --modes)")
+            for needed in _NEEDS.get(cfg.mode, (cfg.mode.value,)):
+                if needed not in lim.modes:
+                    raise RequestError(f"mode {cfg.mode.value!r} is not available: the engines of {lim.source} were "
+                                       f"built for modes {list(lim.modes)} (build_engine.py --modes)")
             block = getattr(cfg, "block_length", 1)
             passes += [(kind, size(block), f"a {cfg.mode.value} block of {block}") for kind, size in _MODE_PASSES[cfg.mode]]
         for kind, num_tokens, what in passes:
@@ -116,6 +123,7 @@ class Engine:
         (``check_request``)."""
         self.check_request(request)
         seq = SequenceState(next(self._ids), request, request.mode, request.sampling.generator(), on_tokens=on_tokens)
+        self._select_mode(seq)
         self.waiting.append(seq)
         return seq.seq_id
 
@@ -144,13 +152,64 @@ class Engine:
             self.cache.add_sequence(seq.seq_id)
             self.running.append(seq)
 
+    @staticmethod
+    def _select_mode(seq: SequenceState) -> None:
+        """The mode selected at a step boundary: the request's, or the last scheduled switch reached. ``auto``
+        keeps the mode it chose until ``_decide_auto`` chooses again (AR until its first decision)."""
+        selected = seq.request.mode
+        for after, mode in seq.request.switches:
+            if len(seq.generated) >= after:
+                selected = mode
+        if isinstance(selected, AutoConfig):
+            if seq.auto is None:
+                seq.mode, seq.acceptance = ARConfig(), seq.acceptance or AcceptanceEstimate()
+            seq.auto = selected
+        else:
+            seq.mode, seq.auto = selected, None
+
+    def _at_boundary(self, seq: SequenceState) -> bool:
+        return seq.is_prefilled and seq.policy_state is None and not seq.is_finished
+
+    def _decide_auto(self) -> None:
+        """Mode ``auto``: choose AR or spec (and its block length) for every auto sequence at a step boundary,
+        from the pass costs and their acceptance (runtime.scheduling)."""
+        deciding = [s for s in self.running if s.auto is not None and self._at_boundary(s)]
+        if not deciding:
+            return
+        sched = self.scheduler
+        if not sched.warned and isinstance(sched.costs, DefaultCosts):
+            sched.warned = True
+            warnings.warn("mode auto: no pass costs measured for this machine and executor; using the built-in "
+                          "conservative model. Measure them: trimode profile --model DIR --save (or --engine DIR)",
+                          stacklevel=2)
+        n = len(self.running)
+        fixed_tokens = fixed_ms = 0.0
+        deciding_ids = {s.seq_id for s in deciding}
+        for seq in self.running:
+            if seq.seq_id in deciding_ids or seq.is_finished:
+                continue
+            block = getattr(seq.mode, "block_length", 1) if seq.is_prefilled else 1
+            kind = {Mode.AR: "decode", Mode.DIFFUSION: "denoise"}.get(seq.mode.mode, "verify")
+            fixed_tokens += 1.0
+            fixed_ms += sched.costs.cost_ms(kind, n, 1 if kind == "decode" else block) / n
+        lengths = sorted({b for s in deciding for b in s.auto.block_lengths})
+        decision = sched.decide([Candidate(s.acceptance.value, s.num_remaining) for s in deciding], n, lengths,
+                                fixed_tokens, fixed_ms)
+        for seq, block in zip(deciding, decision.block_lengths):
+            if block is not None and block not in seq.auto.block_lengths:  # another request's length: nearest own
+                block = min(seq.auto.block_lengths, key=lambda b: (abs(b - block), b))
+            if block is None:
+                seq.mode = ARConfig()
+                seq.acceptance.observe_ar()
+                key = "ar"
+            else:
+                seq.mode = SpecConfig(block, 0.0, seq.auto.use_lora)
+                key = f"spec:{block}"
+            seq.auto_choices[key] = seq.auto_choices.get(key, 0) + 1
+
     def _plan(self, seq: SequenceState) -> SeqPass | None:
         if not seq.is_prefilled:
             return SeqPass(seq.seq_id, PassKind.PREFILL, seq.request.prompt_ids, 0)
-        if seq.policy_state is None:  # at a step boundary: a scheduled mode switch takes effect here
-            for after, mode in seq.request.switches:
-                if len(seq.generated) >= after:
-                    seq.mode = mode
         return self.policies[seq.mode.mode].plan(seq, self.cache.length(seq.seq_id))
 
     @staticmethod
@@ -166,6 +225,15 @@ class Engine:
     def step(self) -> list[int]:
         """Run one forward over every running sequence. Returns the ids of requests that finished."""
         self._admit()
+        for seq in self.running:  # a scheduled mode switch takes effect at a step boundary
+            if self._at_boundary(seq):
+                self._select_mode(seq)
+        try:
+            self._decide_auto()
+        except Exception as e:  # a broken cost table: the auto sequences fail, the others go on
+            for seq in self.running:
+                if seq.auto is not None and not seq.is_finished:
+                    self._fail(seq, e)
         planned: list[tuple[SequenceState, SeqPass]] = []
         stuck: list[tuple[SequenceState, KVCacheExhausted]] = []
         used: dict[str, int] = {}
@@ -228,6 +296,8 @@ class Engine:
             self._fail(seq, e)
             seq.truncate_to = None
             return
+        if p.kind is PassKind.VERIFY and seq.auto is not None and seq.accepted_lengths:
+            seq.acceptance.observe(seq.accepted_lengths[-1], p.num_tokens)
         if seq.truncate_to is not None:
             self.cache.truncate(seq.seq_id, seq.truncate_to)
             seq.truncate_to = None

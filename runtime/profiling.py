@@ -31,6 +31,7 @@ import torch
 from trimode.runtime.executors.base import Executor
 from trimode.runtime.passes import PassKind, SeqPass
 from trimode.runtime.request import mode_config
+from trimode.runtime.scheduling import PassCostTable  # noqa: F401  (the lookup of a profile's costs)
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 BATCH_SIZES = (1, 4, 16)
@@ -156,57 +157,6 @@ def cost_ratios(costs: Sequence[PassCost]) -> dict[str, dict[str, dict[str, floa
         if c.kind != "decode" and c.batch in base:
             out.setdefault(str(c.batch), {}).setdefault(c.kind, {})[str(c.num_tokens)] = c.median_ms / base[c.batch]
     return out
-
-
-@dataclass(frozen=True)
-class PassCostTable:
-    """The pass costs of a ``profile`` result (or its ``profile.json``) as a lookup for whoever plans with them
-    (a load-adaptive scheduler, the demo): ``cost_ms(kind, batch, num_tokens)`` interpolates the medians
-    log-linearly in T and in the batch between measured points (clamped to the measured range)."""
-
-    points: dict[tuple[str, int, int], float]  # (kind, batch, T) -> median ms
-
-    @classmethod
-    def from_result(cls, result: dict[str, Any]) -> "PassCostTable":
-        return cls({(r["kind"], r["batch"], r["num_tokens"]): r["median_ms"] for r in result["passes"]})
-
-    @classmethod
-    def from_json(cls, path) -> "PassCostTable":
-        import json
-        from pathlib import Path
-
-        return cls.from_result(json.loads(Path(path).read_text()))
-
-    def cost_ms(self, kind: str, batch: int, num_tokens: int) -> float:
-        """Median ms of a forward of ``batch`` passes of ``kind`` with ``num_tokens`` each (decode: T = 1).
-        Raises ``ProfileError`` for a kind the table does not hold."""
-        batches = sorted({b for k, b, _ in self.points if k == kind})
-        if not batches:
-            raise ProfileError(f"no {kind!r} passes in this profile; it holds {sorted({k for k, _, _ in self.points})}")
-
-        def along_t(b: int) -> float:
-            return _interpolate({t: ms for (k, bb, t), ms in self.points.items() if k == kind and bb == b},
-                                num_tokens)
-        return _interpolate({b: along_t(b) for b in batches}, batch)
-
-    def ratio(self, kind: str, batch: int, num_tokens: int) -> float:
-        """c(T)/c(1): ``cost_ms(kind, batch, T)`` over the decode pass at the same batch."""
-        return self.cost_ms(kind, batch, num_tokens) / self.cost_ms("decode", batch, 1)
-
-
-def _interpolate(values: dict[int, float], x: int) -> float:
-    """Piecewise linear in log x between the measured keys, clamped at both ends."""
-    import math
-
-    keys = sorted(values)
-    if x <= keys[0] or len(keys) == 1:
-        return values[keys[0]]
-    if x >= keys[-1]:
-        return values[keys[-1]]
-    hi = next(k for k in keys if k >= x)
-    lo = keys[keys.index(hi) - 1]
-    w = (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
-    return values[lo] + w * (values[hi] - values[lo])
 
 
 class _TimedExecutor(Executor):

@@ -24,6 +24,7 @@ class Mode(str, Enum):
     AR = "ar"
     DIFFUSION = "diffusion"
     SPEC = "spec"
+    AUTO = "auto"
 
 
 class RequestError(ValueError):
@@ -84,7 +85,37 @@ class SpecConfig:
             raise RequestError(f"threshold must be in [0, 1], got {self.threshold!r}")
 
 
-ModeConfig = Union[ARConfig, DiffusionConfig, SpecConfig]
+@dataclass(frozen=True)
+class AutoConfig:
+    """Mode ``auto`` (runtime.scheduling): at each step boundary the engine runs the sequence as AR or as linear
+    self-speculation (threshold 0, ``use_lora``) with one of ``block_lengths``, whichever it expects to give the
+    batch the most tokens per second. Output as AR's: greedy identical, sampled with the same distribution."""
+
+    block_lengths: tuple[int, ...] = (4, 8, 16, 32)
+    use_lora: bool = True
+    mode = Mode.AUTO
+
+    def __post_init__(self) -> None:
+        if not self.block_lengths or any(not isinstance(b, int) or isinstance(b, bool) or b < 2
+                                         for b in self.block_lengths):
+            raise RequestError(f"auto block_lengths must be integers >= 2, got {self.block_lengths!r}")
+
+    @property
+    def block_length(self) -> int:
+        """The longest block it may use (what an engine's passes must hold)."""
+        return max(self.block_lengths)
+
+    @staticmethod
+    def up_to(block_length: int, use_lora: bool = True) -> "AutoConfig":
+        """Powers of two from 4 below ``block_length``, and ``block_length`` itself (2 when it is 2 or 3)."""
+        _check_block_length(block_length)
+        if block_length < 2:
+            raise RequestError("mode auto needs block_length >= 2 (a block of 1 is AR)")
+        lengths = {b for b in (4, 8, 16, 32, 64, 128) if b < block_length} | {block_length}
+        return AutoConfig(tuple(sorted(lengths)), use_lora)
+
+
+ModeConfig = Union[ARConfig, DiffusionConfig, SpecConfig, AutoConfig]
 
 DIFFUSION_THRESHOLD = 0.9  # the model card's confidence threshold for block diffusion
 SPEC_THRESHOLD = 0.0       # one draft pass per block (exact rejection sampling needs it)
@@ -94,7 +125,8 @@ def mode_config(mode: str | Mode, block_size: int, block_length: int | None = No
                 policy: str = "threshold", max_steps: int | None = None, use_lora: bool = True,
                 causal_context: bool = True) -> ModeConfig:
     """The mode config of a request with the project's defaults filled in: the one factory behind the API, the
-    CLI and the Triton model. ``block_length`` None means the checkpoint's ``block_size``; ``threshold`` None
+    CLI and the Triton model. ``block_length`` None means the checkpoint's ``block_size`` (for ``auto``: the
+    longest block it may choose); ``threshold`` None
     means 0.9 for diffusion's threshold policy (unset for the others) and 0.0 for spec. Raises
     ``RequestError`` naming the bad value (unknown mode, bad block length, threshold, policy, steps)."""
     try:
@@ -104,6 +136,8 @@ def mode_config(mode: str | Mode, block_size: int, block_length: int | None = No
     if mode is Mode.AR:
         return ARConfig()
     block = block_size if block_length is None else block_length
+    if mode is Mode.AUTO:
+        return AutoConfig.up_to(block, use_lora)
     if mode is Mode.DIFFUSION:
         if policy == "threshold" and threshold is None:
             threshold = DIFFUSION_THRESHOLD
@@ -164,6 +198,7 @@ class GenerationResult:
     error: str | None = None
     text: str | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)
+    auto_choices: dict[str, int] = field(default_factory=dict)  # mode auto: steps in "ar", cycles in "spec:B"
 
     @property
     def num_forwards(self) -> int:
@@ -182,7 +217,8 @@ class GenerationResult:
         return {"forwards": dict(self.forwards), "num_forwards": self.num_forwards,
                 "num_tokens": len(self.token_ids), "tokens_per_forward": round(self.tokens_per_forward, 4),
                 "mean_accepted_length": self.mean_accepted_length, "accepted_lengths": list(self.accepted_lengths),
-                "wall_time_s": round(self.wall_time_s, 4), "finish_reason": self.finish_reason}
+                "wall_time_s": round(self.wall_time_s, 4), "finish_reason": self.finish_reason,
+                **({"auto_choices": dict(self.auto_choices)} if self.auto_choices else {})}
 
 
 TokenCallback = Callable[[int, list[int]], "bool | None"]   # (request_id, new token ids) -> False: stop here
@@ -215,6 +251,9 @@ class SequenceState:
     truncate_to: int | None = None       # set by a policy: roll the cache back to this length after the step
     start_time: float = field(default_factory=time.perf_counter)
     on_tokens: TokenCallback | None = None
+    auto: AutoConfig | None = None       # mode auto is selected: ``mode`` is what it chose for this cycle
+    acceptance: object | None = None     # mode auto: runtime.scheduling.AcceptanceEstimate
+    auto_choices: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_finished(self) -> bool:
@@ -259,4 +298,4 @@ class SequenceState:
         return GenerationResult(self.seq_id, list(self.request.prompt_ids), list(self.generated), self.finish_reason,
                                 dict(self.forwards), list(self.accepted_lengths), list(self.revealed_per_step),
                                 time.perf_counter() - self.start_time, self.error,
-                                exception=self.exception)
+                                exception=self.exception, auto_choices=dict(self.auto_choices))

@@ -1,7 +1,8 @@
 """``trimode profile``: the pass-cost profile (runtime/profiling.py) of a checkpoint or an engine directory on this
 machine, written as ``profile.json`` and ``profile.png``.
 
-    trimode profile --model DIR [--device cuda] [--out DIR]
+    trimode profile --model DIR [--device cuda] [--out DIR] [--save]   (--save: pass_costs.<executor>.json beside
+                                                                       the model, read by mode auto)
     trimode profile --engine DIR [--executor onnxruntime|torch] [--prepack] [--tokens 1 2 4 ...] [--batches 1 4 16]
 
 Prints one table per batch size (median ms per forward and c(T)/c(1) by pass kind and T) and the host share
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from trimode.runtime import profiling, settings
+from trimode.runtime.scheduling import COSTS_FILE
 
 PROFILE_SETTINGS = ("num_pages", "kernels", "dtype", "threads")
 
@@ -50,6 +52,9 @@ def add_subparsers(sub) -> None:
     p.add_argument("--block-length", type=settings.positive_int("--block-length"), default=None,
                    help="block length of the diffusion and spec host-time runs (default: the engine directory's, else the model's block_size)")
     p.add_argument("--out", default="results/profile", help="output directory (profile.json, profile.png)")
+    p.add_argument("--save", action="store_true",
+                   help="also store the costs beside the model or engine (pass_costs.<executor>.json), where mode "
+                        "auto reads them")
     settings.add_arguments(p, names=PROFILE_SETTINGS)
     p.set_defaults(handler=profile_command)
 
@@ -74,6 +79,10 @@ def profile_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
+    if args.save:
+        beside = Path(args.engine or args.model) / COSTS_FILE.format(executor=executor)
+        beside.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {beside} (mode auto's pass costs for the {executor} executor)", file=sys.stderr)
     drawn = profiling.plot(result, out / "profile.png")
     print("\n".join(profiling.summary_lines(result)))
     print(f"wrote {out / 'profile.json'}" + (f" and {out / 'profile.png'}" if drawn else

@@ -1,0 +1,220 @@
+"""Mode ``auto``: at each step boundary, choose AR or self-speculation and the block length for every ``auto``
+sequence of the running batch, from measured pass costs and each sequence's live acceptance.
+
+Model (one decision per step, no forward needed to decide):
+
+- Cost. A forward over N sequences costs ``c(kind, N, T)`` ms when each holds T new tokens (the pass-cost
+  profile, runtime.profiling, measured on this machine and executor: ``PassCostTable``). In a mixed batch a
+  sequence's share of the forward is ``c(kind, N, T_i) / N``; the step costs the sum of the shares. A spec
+  sequence alternates a draft and a verify pass of B tokens: its share per step is the mean of the two.
+- Tokens. An AR sequence emits 1 token per step. A spec sequence with per-draft acceptance probability a emits
+  ``E(B) = 1 + a + ... + a^(B-1) = (1 - a^B) / (1 - a)`` tokens per draft/verify cycle (the expected accepted
+  length of a geometric acceptance model: Leviathan et al., "Fast Inference from Transformers via Speculative
+  Decoding", 2023, eq. 1), i.e. ``E(B) / 2`` per step, at most what it still has to generate.
+- Objective. Maximise the batch's expected tokens per ms. For each block length B, switching a sequence from AR
+  to spec adds the same cost and ``E(B) / 2 - 1`` tokens, so the best k to switch are the k largest gains; the
+  best (B, k) wins (O(len(block_lengths) x batch log batch) arithmetic; optimal among assignments that share
+  one B, which the tests check against brute force). Sequences in the middle of a cycle, and requests in other modes,
+  enter as fixed tokens and costs.
+- Acceptance. Each ``auto`` sequence keeps an exponentially weighted count of draft positions accepted and
+  rejected at its verifies (``AcceptanceEstimate``), starting from a prior; while it decodes in AR the counts
+  decay back towards the prior, so a sequence that left speculation tries it again later.
+
+Correctness does not depend on any of this: the choice only picks among lossless modes (greedy spec equals
+greedy AR; sampled spec keeps the AR distribution by rejection sampling), at step boundaries, on one KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+COSTS_FILE = "pass_costs.{executor}.json"  # beside the checkpoint or engine directory: trimode profile --save
+
+
+class CostTableError(ValueError):
+    """A cost lookup for a pass kind the table does not hold."""
+
+
+class CostLookup(Protocol):
+    def cost_ms(self, kind: str, batch: int, num_tokens: int) -> float: ...
+
+
+class PassCostTable:
+    """Pass costs read back from a profile (``runtime.profiling.profile`` result or its JSON): ``cost_ms(kind,
+    batch, num_tokens)`` interpolates the median ms log-linearly in T and in the batch between measured points
+    (clamped to the measured range). ``source``: where it came from (for logs)."""
+
+    def __init__(self, points: dict[tuple[str, int, int], float], source: str = "profile") -> None:
+        self.points, self.source = points, source
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any], source: str = "profile") -> "PassCostTable":
+        return cls({(r["kind"], r["batch"], r["num_tokens"]): r["median_ms"] for r in result["passes"]}, source)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "PassCostTable":
+        return cls.from_result(json.loads(Path(path).read_text()), str(path))
+
+    def cost_ms(self, kind: str, batch: int, num_tokens: int) -> float:
+        """Median ms of a forward of ``batch`` passes of ``kind`` with ``num_tokens`` each (decode: T = 1).
+        Raises ``CostTableError`` naming what the table holds for a kind it does not hold."""
+        batches = sorted({b for k, b, _ in self.points if k == kind})
+        if not batches:
+            raise CostTableError(f"no {kind!r} passes in this profile; it holds {sorted({k for k, _, _ in self.points})}")
+
+        def along_t(b: int) -> float:
+            return _interpolate({t: ms for (k, bb, t), ms in self.points.items() if k == kind and bb == b},
+                                num_tokens)
+        return _interpolate({b: along_t(b) for b in batches}, batch)
+
+    def ratio(self, kind: str, batch: int, num_tokens: int) -> float:
+        """c(T)/c(1): ``cost_ms(kind, batch, T)`` over the decode pass at the same batch."""
+        return self.cost_ms(kind, batch, num_tokens) / self.cost_ms("decode", batch, 1)
+
+
+def _interpolate(values: dict[int, float], x: int) -> float:
+    """Piecewise linear in log x between the measured keys, clamped at both ends."""
+    keys = sorted(values)
+    if x <= keys[0] or len(keys) == 1:
+        return values[keys[0]]
+    if x >= keys[-1]:
+        return values[keys[-1]]
+    hi = next(k for k in keys if k >= x)
+    lo = keys[keys.index(hi) - 1]
+    w = (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return values[lo] + w * (values[hi] - values[lo])
+
+
+class DefaultCosts:
+    """The built-in, conservative cost model used when this machine's costs were not measured: a pass of T tokens
+    per sequence costs ``1 + (T - 1) / 4`` decode passes, at any batch (between a GPU's nearly flat c(T) and a
+    CPU's nearly linear one), so speculation is chosen only where acceptance is high."""
+
+    source = "built-in default (measure: trimode profile --model DIR --save)"
+
+    def cost_ms(self, kind: str, batch: int, num_tokens: int) -> float:
+        return float(batch) * (1.0 + (num_tokens - 1) / 4.0)
+
+
+def load_costs(directory: str | Path | None, executor: str) -> PassCostTable | None:
+    """The pass costs measured for ``executor`` and stored beside a checkpoint or engine directory
+    (``pass_costs.<executor>.json``, written by ``trimode profile --save``), or None when there are none."""
+    if directory is None:
+        return None
+    path = Path(directory) / COSTS_FILE.format(executor=executor)
+    return PassCostTable.from_json(path) if path.exists() else None
+
+
+@dataclass
+class AcceptanceEstimate:
+    """A sequence's per-draft acceptance probability: exponentially weighted counts of accepted and rejected draft
+    positions at its verifies, on top of a prior of ``prior_weight`` positions at ``prior``; ``decay`` per
+    verify, ``ar_decay`` per AR step (pulling an estimate that left speculation back towards the prior)."""
+
+    prior: float = 0.6
+    prior_weight: float = 2.0
+    decay: float = 0.7
+    ar_decay: float = 0.97
+    accepted: float = 0.0
+    trials: float = 0.0
+
+    @property
+    def value(self) -> float:
+        return (self.prior * self.prior_weight + self.accepted) / (self.prior_weight + self.trials)
+
+    def observe(self, accepted_length: int, block_length: int) -> None:
+        """One verify of a block of ``block_length`` (seed + B - 1 drafts) that emitted ``accepted_length``
+        tokens (accepted drafts + 1): accepted - 1 successes, and one failure unless every draft was accepted."""
+        successes = accepted_length - 1
+        trials = successes + (1 if successes < block_length - 1 else 0)
+        self.accepted = self.accepted * self.decay + successes
+        self.trials = self.trials * self.decay + trials
+
+    def observe_ar(self) -> None:
+        self.accepted *= self.ar_decay
+        self.trials *= self.ar_decay
+
+
+def expected_tokens(acceptance: float, block_length: int) -> float:
+    """Expected tokens one draft/verify cycle of ``block_length`` emits at per-draft acceptance ``acceptance``:
+    (1 - a^B) / (1 - a) (B when a = 1)."""
+    a = min(max(acceptance, 0.0), 1.0)
+    return float(block_length) if a >= 1.0 else (1.0 - a ** block_length) / (1.0 - a)
+
+
+@dataclass
+class Candidate:
+    """One ``auto`` sequence at a step boundary: its acceptance estimate and the tokens it still has to make."""
+
+    acceptance: float
+    remaining: int
+
+
+@dataclass
+class Decision:
+    """Per candidate (in the order given): None for AR, else the spec block length; and the model's expected
+    tokens per ms of the whole batch for it."""
+
+    block_lengths: list[int | None]
+    tokens_per_ms: float
+
+
+def decide(candidates: Sequence[Candidate], batch: int, costs: CostLookup, block_lengths: Sequence[int],
+           fixed_tokens: float = 0.0, fixed_ms: float = 0.0) -> Decision:
+    """The choice that maximises expected tokens per ms of a step (module docstring). ``batch``: sequences in the
+    forward (the candidates and every other running sequence); ``fixed_tokens`` / ``fixed_ms``: the expected
+    tokens and cost share of the sequences that do not decide now. Raises ``ValueError`` for no block length."""
+    if not block_lengths:
+        raise ValueError("block_lengths must hold at least one block length")
+    n = max(batch, 1)
+    ar_ms = costs.cost_ms("decode", n, 1) / n
+    best = Decision([None] * len(candidates), 0.0)
+    best.tokens_per_ms = (fixed_tokens + len(candidates)) / max(fixed_ms + len(candidates) * ar_ms, 1e-12)
+    for b in block_lengths:
+        spec_ms = (costs.cost_ms("draft", n, b) + costs.cost_ms("verify", n, b)) / (2 * n)
+        # the tokens per step a sequence gains by speculating with b; every one costs the same more, so the best
+        # k to switch are the k largest gains
+        gain = [min(expected_tokens(c.acceptance, b), max(c.remaining, 1)) / 2 - 1 for c in candidates]
+        order = sorted(range(len(candidates)), key=lambda i: -gain[i])
+        tokens, ms = fixed_tokens + len(candidates), fixed_ms + len(candidates) * ar_ms
+        for k, i in enumerate(order, start=1):
+            tokens += gain[i]
+            ms += spec_ms - ar_ms
+            rate = tokens / max(ms, 1e-12)
+            if rate > best.tokens_per_ms * (1 + 1e-9):
+                chosen: list[int | None] = [None] * len(candidates)
+                for j in order[:k]:
+                    chosen[j] = b
+                best = Decision(chosen, rate)
+    return best
+
+
+@dataclass
+class AutoStats:
+    """Time spent deciding (seconds) and decisions made, over the life of a scheduler."""
+
+    decisions: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class AutoScheduler:
+    """The engine's ``auto`` decisions: a cost lookup (``PassCostTable`` measured here, else ``DefaultCosts``)
+    and the time spent deciding. ``warned``: whether the "costs not measured" warning was given."""
+
+    costs: CostLookup = field(default_factory=DefaultCosts)
+    stats: AutoStats = field(default_factory=AutoStats)
+    warned: bool = False
+
+    def decide(self, candidates: Sequence[Candidate], batch: int, block_lengths: Sequence[int],
+               fixed_tokens: float = 0.0, fixed_ms: float = 0.0) -> Decision:
+        start = time.perf_counter()
+        out = decide(candidates, batch, self.costs, block_lengths, fixed_tokens, fixed_ms)
+        self.stats.decisions += 1
+        self.stats.seconds += time.perf_counter() - start
+        return out

@@ -1,0 +1,160 @@
+"""Mode ``auto`` (runtime.scheduling): the decision on synthetic cost tables against brute force, the acceptance
+estimate, and the engine: greedy auto output equals AR (batched, mixed with other modes, switching in and out),
+and the counters add up."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from conftest import make_lm, random_prompts
+from trimode.runtime.request import ARConfig, AutoConfig, DiffusionConfig, GenerationRequest, RequestError, \
+    SpecConfig, mode_config
+from trimode.runtime.scheduling import (AcceptanceEstimate, Candidate, DefaultCosts, PassCostTable, decide,
+                                        expected_tokens)
+
+
+class Costs:
+    """c(kind, N, T) = N * (1 + slope * (T - 1)) ms: slope 0 is a GPU's flat pass cost, 1 a CPU's linear one."""
+
+    def __init__(self, slope: float) -> None:
+        self.slope = slope
+
+    def cost_ms(self, kind: str, batch: int, num_tokens: int) -> float:
+        return batch * (1.0 + self.slope * (num_tokens - 1))
+
+
+def brute_force(cands, batch, costs, lengths, fixed_tokens=0.0, fixed_ms=0.0) -> float:
+    """The best expected tokens/ms over every assignment of AR or spec-with-one-common-B to the candidates."""
+    best = 0.0
+    ar = costs.cost_ms("decode", batch, 1) / batch
+    for b in lengths:
+        spec = (costs.cost_ms("draft", batch, b) + costs.cost_ms("verify", batch, b)) / (2 * batch)
+        for choice in itertools.product([False, True], repeat=len(cands)):
+            tokens = fixed_tokens + sum(min(expected_tokens(c.acceptance, b), c.remaining) / 2 if s else 1
+                                        for c, s in zip(cands, choice))
+            ms = fixed_ms + sum(spec if s else ar for s in choice)
+            best = max(best, tokens / ms)
+    return best
+
+
+@pytest.mark.parametrize("slope, acceptance, want", [
+    (0.0, 0.9, 16),    # block passes as cheap as one token, high acceptance: the longest block
+    (1.0, 0.9, None),  # a B-token pass costs B decode passes: never worth it
+    (0.0, 0.05, None),  # cheap passes but nothing accepted: two forwards for ~1 token
+    (0.1, 0.8, 8),     # moderate costs: a middle block length pays best
+])
+def test_decision_for_one_sequence(slope, acceptance, want):
+    d = decide([Candidate(acceptance, 100)], 1, Costs(slope), [4, 8, 16])
+    assert d.block_lengths == [want]
+    assert d.tokens_per_ms == pytest.approx(brute_force([Candidate(acceptance, 100)], 1, Costs(slope), [4, 8, 16]))
+
+
+def test_mixed_batch_speculates_only_where_acceptance_pays():
+    cands = [Candidate(0.95, 100), Candidate(0.1, 100), Candidate(0.9, 100), Candidate(0.3, 100)]
+    d = decide(cands, 4, Costs(0.15), [4, 8])
+    assert d.block_lengths[1] is None and d.block_lengths[0] is not None and d.block_lengths[2] is not None
+    assert d.tokens_per_ms == pytest.approx(brute_force(cands, 4, Costs(0.15), [4, 8]))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_decision_equals_brute_force_on_random_tables(seed):
+    import random
+
+    rng = random.Random(seed)
+    cands = [Candidate(rng.random(), rng.choice([1, 3, 50])) for _ in range(rng.randint(1, 5))]
+    costs, lengths = Costs(rng.choice([0.0, 0.05, 0.2, 0.6])), [4, 8, 16]
+    fixed = (rng.randint(0, 3), rng.random() * 2)
+    d = decide(cands, len(cands) + fixed[0], costs, lengths, *fixed)
+    assert d.tokens_per_ms == pytest.approx(brute_force(cands, len(cands) + fixed[0], costs, lengths, *fixed))
+
+
+def test_short_remainders_do_not_speculate():
+    assert decide([Candidate(1.0, 1)], 1, Costs(0.05), [8]).block_lengths == [None]
+
+
+def test_acceptance_estimate_follows_verifies_and_returns_to_the_prior():
+    est = AcceptanceEstimate(prior=0.5)
+    assert est.value == 0.5
+    for _ in range(6):
+        est.observe(8, 8)   # every draft accepted
+    high = est.value
+    assert high > 0.9
+    for _ in range(10):
+        est.observe(1, 8)   # the first draft rejected
+    assert est.value < 0.3
+    for _ in range(300):
+        est.observe_ar()
+    assert est.value == pytest.approx(0.5, abs=0.02)
+    assert expected_tokens(1.0, 8) == 8 and expected_tokens(0.0, 8) == 1
+    assert expected_tokens(0.5, 3) == pytest.approx(1.75)
+
+
+def test_pass_cost_table_drives_the_model(tmp_path):
+    table = PassCostTable({("decode", 1, 1): 2.0, ("draft", 1, 8): 2.2, ("verify", 1, 8): 2.2})
+    assert decide([Candidate(0.9, 100)], 1, table, [8]).block_lengths == [8]
+    assert decide([Candidate(0.9, 100)], 1, DefaultCosts(), [8]).block_lengths == [8]  # 0.9: worth it even there
+    assert decide([Candidate(0.4, 100)], 1, DefaultCosts(), [8]).block_lengths == [None]
+
+
+def test_auto_config():
+    assert mode_config("auto", 16) == AutoConfig((4, 8, 16))
+    assert mode_config("auto", 12, use_lora=False) == AutoConfig((4, 8, 12), False)
+    assert mode_config("auto", 32, 2).block_lengths == (2,)
+    with pytest.raises(RequestError, match="block_length >= 2"):
+        mode_config("auto", 32, 1)
+
+
+# ---- the engine ----------------------------------------------------------------------------------------
+
+FLAT = Costs(0.0)  # block passes free: auto speculates wherever the prior acceptance says it pays
+
+
+@pytest.mark.parametrize("costs", [FLAT, Costs(1.0)], ids=["flat", "linear"])
+def test_greedy_auto_equals_ar_and_counters_add_up(ckpt, costs):
+    lm = make_lm(ckpt)
+    lm.engine.scheduler.costs = costs
+    prompts = random_prompts([3, 9, 5, 14])
+    ar = lm.ar_generate(prompts, max_new_tokens=21)
+    auto = lm.run([lm.request(p, 21, mode_config("auto", 8)) for p in prompts])
+    for a, b in zip(auto, ar):
+        assert a.token_ids == b.token_ids and a.error is None
+        choices = a.auto_choices
+        spec_cycles = sum(v for k, v in choices.items() if k.startswith("spec:"))
+        # every choice runs its passes, except a last one whose seed token already ends the request
+        assert 0 <= choices.get("ar", 0) - a.forwards["decode"] <= 1
+        assert 0 <= spec_cycles - a.forwards["verify"] <= 1 and a.forwards["draft"] <= a.forwards["verify"]
+        assert choices.get("ar", 0) - a.forwards["decode"] + spec_cycles - a.forwards["verify"] <= 1
+        assert set(choices) <= {"ar", "spec:4", "spec:8"}
+        assert a.counters()["auto_choices"] == choices
+        if costs is FLAT:
+            assert spec_cycles > 0
+        else:
+            assert spec_cycles == 0
+    assert lm.cache.stats().num_free_pages == lm.cache.num_pages
+
+
+def test_auto_mixes_with_other_modes_and_switches(ckpt):
+    lm = make_lm(ckpt)
+    lm.engine.scheduler.costs = FLAT
+    prompts = random_prompts([4, 7, 6, 11], seed=3)
+    ar = lm.ar_generate(prompts, max_new_tokens=24)
+    reqs = [lm.request(prompts[0], 24, mode_config("auto", 8)),
+            lm.request(prompts[1], 24, SpecConfig(4)),
+            lm.request(prompts[2], 24, ARConfig(), switches=[(5, AutoConfig((4,))), (15, ARConfig())]),
+            lm.request(prompts[3], 24, mode_config("auto", 8), switches=[(9, SpecConfig(8))])]
+    out = lm.run(reqs + [lm.request(prompts[0], 24, DiffusionConfig(8))])
+    for i in range(4):
+        assert out[i].token_ids == ar[i].token_ids, f"request {i}"
+    assert "spec:4" in out[2].auto_choices and out[2].forwards["decode"] >= 5 + 9
+    assert out[3].auto_choices and sum(out[3].auto_choices.values()) <= 9 + 1
+
+
+def test_sampled_auto_is_reproducible(ckpt):
+    lm = make_lm(ckpt)
+    lm.engine.scheduler.costs = FLAT
+    req = lm.request(random_prompts([5])[0], 20, mode_config("auto", 8), temperature=0.8, seed=11)
+    a, b = lm.run([req])[0], lm.run([req])[0]
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 20
+    assert isinstance(req, GenerationRequest)

@@ -51,6 +51,7 @@ class PassCostTable:
 
     def __init__(self, points: dict[tuple[str, int, int], float], source: str = "profile") -> None:
         self.points, self.source = points, source
+        self._memo: dict[tuple[str, int, int], float] = {}  # lookups repeat every step: computed once
 
     @classmethod
     def from_result(cls, result: dict[str, Any], source: str = "profile") -> "PassCostTable":
@@ -63,6 +64,12 @@ class PassCostTable:
     def cost_ms(self, kind: str, batch: int, num_tokens: int) -> float:
         """Median ms of a forward of ``batch`` passes of ``kind`` with ``num_tokens`` each (decode: T = 1).
         Raises ``CostTableError`` naming what the table holds for a kind it does not hold."""
+        key = (kind, batch, num_tokens)
+        if key not in self._memo:
+            self._memo[key] = self._lookup(kind, batch, num_tokens)
+        return self._memo[key]
+
+    def _lookup(self, kind: str, batch: int, num_tokens: int) -> float:
         batches = sorted({b for k, b, _ in self.points if k == kind})
         if not batches:
             raise CostTableError(f"no {kind!r} passes in this profile; it holds {sorted({k for k, _, _ in self.points})}")

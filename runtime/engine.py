@@ -22,7 +22,7 @@ later step (each engine kind's tokens per forward are a budget filled in admissi
 from __future__ import annotations
 
 import itertools
-import warnings
+import logging
 from collections import deque
 from collections.abc import Sequence
 
@@ -43,7 +43,8 @@ _MODE_PASSES = {Mode.AR: ((PassKind.DECODE, lambda b: 1),),
                 Mode.SPEC: ((PassKind.DRAFT, lambda b: b), (PassKind.VERIFY, lambda b: b)),
                 Mode.AUTO: ((PassKind.DECODE, lambda b: 1), (PassKind.DRAFT, lambda b: b),
                             (PassKind.VERIFY, lambda b: b))}
-_NEEDS = {Mode.AUTO: ("ar", "spec")}  # the built modes a mode runs as
+_NEEDS = {Mode.AUTO: ("ar", "spec")}
+_log = logging.getLogger("trimode")  # the built modes a mode runs as
 
 
 class Engine:
@@ -179,9 +180,9 @@ class Engine:
         sched = self.scheduler
         if not sched.warned and isinstance(sched.costs, DefaultCosts):
             sched.warned = True
-            warnings.warn("mode auto: no pass costs measured for this machine and executor; using the built-in "
-                          "conservative model. Measure them: trimode profile --model DIR --save (or --engine DIR)",
-                          stacklevel=2)
+            _log.warning("trimode: mode auto: no pass costs measured for this machine and executor; using the "
+                         "built-in conservative model. Measure them: trimode profile --model DIR --save "
+                         "(or --engine DIR)")
         n = len(self.running)
         fixed_tokens = fixed_ms = 0.0
         deciding_ids = {s.seq_id for s in deciding}

@@ -5,6 +5,7 @@
     trimode generate --engine DIR [--executor auto|tensorrt|onnxruntime|torch] ...   (an engine directory)
     trimode triton-repo --model DIR --out REPO      (runtime/cli/serve.py)
     trimode serve --repo REPO | --model DIR         (runtime/cli/serve.py)
+    trimode serve-openai --model DIR | --engine DIR (runtime/cli/serve_openai.py: OpenAI-compatible HTTP)
     trimode profile --model DIR | --engine DIR      (runtime/cli/profile.py: pass costs, JSON + PNG)
 
 Streams the text as tokens are accepted, then prints the counters (forwards by kind, tokens per forward,
@@ -23,6 +24,7 @@ from trimode.runtime import settings
 from trimode.runtime.api import TriModeLM
 from trimode.runtime.cli.profile import add_subparsers as add_profile
 from trimode.runtime.cli.serve import add_subparsers as add_serving
+from trimode.runtime.cli.serve_openai import add_subparsers as add_openai
 from trimode.runtime.cli.tensor_parallel import add_tp_arguments, generate_tensor_parallel
 from trimode.runtime.executors.engine_dir import EngineDirError
 from trimode.runtime.executors.trt_executor import tensorrt_runnable
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
     add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
     add_serving(sub)  # triton-repo, serve
+    add_openai(sub)  # serve-openai (runtime/cli/serve_openai.py)
     add_profile(sub)  # profile (runtime/cli/profile.py)
     return parser
 

@@ -19,15 +19,13 @@ import json
 import sys
 import time
 
-from trimode.plugins import tensorrt_libs
 from trimode.runtime import settings
-from trimode.runtime.api import TriModeLM
 from trimode.runtime.cli.profile import add_subparsers as add_profile
 from trimode.runtime.cli.serve import add_subparsers as add_serving
 from trimode.runtime.cli.serve_openai import add_subparsers as add_openai
+from trimode.runtime.cli.serve_openai import load_lm
 from trimode.runtime.cli.tensor_parallel import add_tp_arguments, generate_tensor_parallel
 from trimode.runtime.executors.engine_dir import EngineDirError
-from trimode.runtime.executors.trt_executor import tensorrt_runnable
 from trimode.runtime.kv_cache import KVCacheExhausted
 from trimode.runtime.model.hf_format import CheckpointError
 from trimode.runtime.request import Mode, ModeConfig, RequestError, mode_config
@@ -142,25 +140,13 @@ def _mode_config(args: argparse.Namespace, block_size: int) -> ModeConfig:
 
 
 def generate(args: argparse.Namespace, lm=None) -> int:
-    """Generate from args.prompt with ``lm`` (loaded from args.model if None; rank 0's shard under --tp)."""
-    if lm is None and args.engine:
-        executor = args.executor
-        try:
-            if executor in ("auto", "tensorrt") and tensorrt_runnable(args.engine, need_loader_path=False)[0]:
-                tensorrt_libs.reexec_with_loader_path()  # TensorRT-RTX plugin engines need libtensorrt_rtx.so
-                executor = "tensorrt"
-            elif executor == "auto":
-                executor = "onnxruntime"
-            lm = TriModeLM.from_engine(args.engine, executor=executor,
-                                       settings=settings.from_args(args, settings.GENERATE_OPTIONS))
-        except (EngineDirError, CheckpointError) as e:
-            print(f"trimode: error: --engine: {e}", file=sys.stderr)
-            return 2
+    """Generate from args.prompt with ``lm`` (None: ``--model`` / ``--engine`` through ``load_lm``; rank 0's shard
+    under --tp)."""
     if lm is None:
         try:
-            lm = TriModeLM.from_pretrained(args.model, settings=settings.from_args(args, settings.GENERATE_OPTIONS))
-        except CheckpointError as e:
-            print(f"trimode: error: --model: {e}", file=sys.stderr)
+            lm = load_lm(args)  # as trimode serve-openai loads it
+        except (EngineDirError, CheckpointError) as e:
+            print(f"trimode: error: {'--engine' if args.engine else '--model'}: {e}", file=sys.stderr)
             return 2
     if lm.tokenizer is None:
         print(f"trimode: error: {args.engine or args.model} has no tokenizer.json; text prompts need one",

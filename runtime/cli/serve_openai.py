@@ -61,8 +61,9 @@ def add_subparsers(sub) -> None:
 
 
 def load_lm(args: argparse.Namespace):
-    """The ``TriModeLM`` of ``--model`` or ``--engine`` (executor ``auto``: TensorRT where its plans can run here,
-    else onnxruntime; as ``trimode generate``). Raises ``CheckpointError`` / ``EngineDirError`` naming the problem."""
+    """The ``TriModeLM`` of ``--model`` or ``--engine`` with the runtime settings of ``settings.GENERATE_OPTIONS``
+    (executor ``auto``: TensorRT where its plans can run here, else onnxruntime); ``trimode generate`` loads through
+    it too. Raises ``CheckpointError`` / ``EngineDirError`` naming the problem, ``ValueError`` for bad settings."""
     from trimode.runtime.api import TriModeLM
     from trimode.runtime.executors.trt_executor import tensorrt_runnable
 

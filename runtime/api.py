@@ -254,6 +254,16 @@ class TriModeLM:
                            causal_context=causal_context)
         return self._batch(prompts, mode, max_new_tokens, **kw)
 
+    def fused_spec_generate(self, prompts=None, max_new_tokens: int = 128, block_length: int | None = None,
+                            num_subblocks: int | None = None, subblock_length: int | None = None,
+                            use_lora: bool = True, **kw) -> list[GenerationResult]:
+        """Fused self-speculation (``FusedSpecConfig``: one forward verifies the drafts and drafts the next block in
+        ``num_subblocks`` sub-blocks of ``subblock_length``; defaults 4 and ``block_length // 2``); lossless
+        w.r.t. ar_generate like linear spec."""
+        mode = mode_config(Mode.FUSED_SPEC, self.default_block_length, block_length or None, use_lora=use_lora,
+                           num_subblocks=num_subblocks, subblock_length=subblock_length)
+        return self._batch(prompts, mode, max_new_tokens, **kw)
+
     def linear_spec_generate(self, prompts=None, max_new_tokens: int = 128, block_length: int | None = None,
                              threshold: float = 0.0, use_lora: bool = True, **kw) -> list[GenerationResult]:
         """Linear self-speculation: diffusion drafts verified by causal passes; lossless w.r.t. ar_generate."""

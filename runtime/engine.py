@@ -43,7 +43,7 @@ _MODE_PASSES = {Mode.AR: ((PassKind.DECODE, lambda b: 1),),
                 Mode.SPEC: ((PassKind.DRAFT, lambda b: b), (PassKind.VERIFY, lambda b: b)),
                 Mode.AUTO: ((PassKind.DECODE, lambda b: 1), (PassKind.DRAFT, lambda b: b),
                             (PassKind.VERIFY, lambda b: b))}
-_NEEDS = {Mode.AUTO: ("ar", "spec")}
+_NEEDS = {Mode.AUTO: ("ar", "spec"), Mode.FUSED_SPEC: ("spec",)}  # the built modes a mode runs as
 _log = logging.getLogger("trimode")  # the built modes a mode runs as
 
 
@@ -110,6 +110,12 @@ class Engine:
                     raise RequestError(f"mode {cfg.mode.value!r} is not available: the engines of {lim.source} were "
                                        f"built for modes {list(lim.modes)} (build_engine.py --modes)")
             block = getattr(cfg, "block_length", 1)
+            if cfg.mode is Mode.FUSED_SPEC:  # a fused step: the chain (verify) and the sub-blocks (draft)
+                chain, subs = cfg.max_pass_tokens
+                passes += [(PassKind.VERIFY, chain, f"a fused_spec chain of {chain}"),
+                           (PassKind.DRAFT, max(subs, block), f"fused_spec's sub-blocks ({cfg.num_subblocks} x "
+                                                             f"{cfg.next_block_length} tokens)")]
+                continue
             passes += [(kind, size(block), f"a {cfg.mode.value} block of {block}") for kind, size in _MODE_PASSES[cfg.mode]]
         for kind, num_tokens, what in passes:
             engine_kind = PASS_TO_KIND[kind]
@@ -167,6 +173,8 @@ class Engine:
             seq.auto = selected
         else:
             seq.mode, seq.auto = selected, None
+        if seq.carry is not None and seq.mode.mode is not Mode.FUSED_SPEC:
+            seq.carry = None  # fused spec's drafts serve only its own next step
 
     def _at_boundary(self, seq: SequenceState) -> bool:
         return seq.is_prefilled and seq.policy_state is None and not seq.is_finished
@@ -208,7 +216,7 @@ class Engine:
                 key = f"spec:{block}"
             seq.auto_choices[key] = seq.auto_choices.get(key, 0) + 1
 
-    def _plan(self, seq: SequenceState) -> SeqPass | None:
+    def _plan(self, seq: SequenceState) -> SeqPass | list[SeqPass] | None:
         if not seq.is_prefilled:
             return SeqPass(seq.seq_id, PassKind.PREFILL, seq.request.prompt_ids, 0)
         return self.policies[seq.mode.mode].plan(seq, self.cache.length(seq.seq_id))
@@ -218,10 +226,16 @@ class Engine:
         seq.finish_reason, seq.exception = "error", error
         seq.error = message or f"{type(error).__name__}: {error}"
 
-    def _fits(self, p: SeqPass, used: dict[str, int]) -> bool:
-        """Whether ``p`` fits what is left of its engine kind's tokens-per-forward budget this step."""
-        most = None if self.limits is None else self.limits.max_tokens.get(PASS_TO_KIND[p.kind])
-        return most is None or used.get(PASS_TO_KIND[p.kind], 0) + p.num_tokens <= most
+    def _fits(self, passes: list[SeqPass], used: dict[str, int]) -> bool:
+        """Whether ``passes`` (one sequence's, run together) fit what is left of their engine kinds'
+        tokens-per-forward budgets this step."""
+        if self.limits is None:
+            return True
+        need: dict[str, int] = {}
+        for p in passes:
+            need[PASS_TO_KIND[p.kind]] = need.get(PASS_TO_KIND[p.kind], 0) + p.num_tokens
+        return all(self.limits.max_tokens.get(kind) is None or used.get(kind, 0) + n <= self.limits.max_tokens[kind]
+                   for kind, n in need.items())
 
     def step(self) -> list[int]:
         """Run one forward over every running sequence. Returns the ids of requests that finished."""
@@ -235,7 +249,7 @@ class Engine:
             for seq in self.running:
                 if seq.auto is not None and not seq.is_finished:
                     self._fail(seq, e)
-        planned: list[tuple[SequenceState, SeqPass]] = []
+        planned: list[tuple[SequenceState, list[SeqPass]]] = []
         stuck: list[tuple[SequenceState, KVCacheExhausted]] = []
         used: dict[str, int] = {}
         for seq in self.running:
@@ -244,55 +258,68 @@ class Engine:
             except Exception as e:  # this sequence's fault (e.g. its sampling, its callback): it alone fails
                 self._fail(seq, e)
                 continue
-            if p is None or not self._fits(p, used):  # over its engine kind's budget: next step
+            if p is None:
                 continue
-            if p.kind.keeps_kv:
+            passes = p if isinstance(p, list) else [p]  # several: one sequence's passes of one forward
+            if not self._fits(passes, used):  # over its engine kinds' budgets: next step
+                continue
+            kept = [q.end_pos for q in passes if q.kind.keeps_kv]
+            if kept:
                 try:
-                    self.cache.reserve(seq.seq_id, p.end_pos)
+                    self.cache.reserve(seq.seq_id, max(kept))
                 except KVCacheExhausted as e:
                     stuck.append((seq, e))
                     continue
-            used[PASS_TO_KIND[p.kind]] = used.get(PASS_TO_KIND[p.kind], 0) + p.num_tokens
-            planned.append((seq, p))
+            for q in passes:
+                used[PASS_TO_KIND[q.kind]] = used.get(PASS_TO_KIND[q.kind], 0) + q.num_tokens
+            planned.append((seq, passes))
         if not planned and stuck:  # nobody can progress: fail the newest stuck sequence, the rest retry
             seq, err = stuck[-1]
             self._fail(seq, err, str(err))
         if planned:
             all_logits = self._forward(planned)
             self.num_steps += 1
-            for (seq, p), logits in zip(planned, all_logits):
+            for (seq, passes), logits in zip(planned, all_logits):
                 if logits is not None:
-                    self._consume(seq, p, logits)
+                    self._consume(seq, passes, logits)
         return self._retire()
 
-    def _forward(self, planned: list[tuple[SequenceState, SeqPass]]) -> list:
-        """Logits per pass; None for a pass whose sequence failed. A failed batched forward is retried pass by
-        pass, so that only the sequences whose pass fails on its own fail (unless the executor is broken)."""
+    def _forward(self, planned: list[tuple[SequenceState, list[SeqPass]]]) -> list:
+        """Logits per sequence (a list, one per pass); None for a sequence that failed. A failed batched forward
+        is retried sequence by sequence (a sequence's passes stay in one forward: a fused step's sub-blocks read
+        the K/V its chain writes), so that only the sequences whose passes fail on their own fail (unless the
+        executor is broken)."""
         try:
-            return self.executor.forward([p for _, p in planned])
+            flat = iter(self.executor.forward([p for _, passes in planned for p in passes]))
+            return [[next(flat) for _ in passes] for _, passes in planned]
         except Exception as e:
             if len(planned) == 1 or getattr(self.executor, "is_broken", False):
                 for seq, _ in planned:
                     self._fail(seq, e)
                 return [None] * len(planned)
         out = []
-        for seq, p in planned:
+        for seq, passes in planned:
             try:
-                out.append(self.executor.forward([p])[0])
+                out.append(list(self.executor.forward(passes)))
             except Exception as e:
                 self._fail(seq, e)
                 out.append(None)
         return out
 
-    def _consume(self, seq: SequenceState, p: SeqPass, logits) -> None:
+    def _consume(self, seq: SequenceState, passes: list[SeqPass], logits: list) -> None:
+        """Apply one sequence's logits; a step counts one forward of its first pass's kind (a fused step: verify)."""
+        p = passes[0]
         seq.forwards[p.kind.value] += 1
-        if p.kind.keeps_kv:
-            self.cache.set_length(seq.seq_id, p.end_pos)
+        for q in passes:
+            if q.kind.keeps_kv:
+                self.cache.set_length(seq.seq_id, q.end_pos)
         try:
             if p.kind is PassKind.PREFILL:
-                seq.is_prefilled, seq.next_logits = True, logits[-1]
+                seq.is_prefilled, seq.next_logits = True, logits[0][-1]
+            elif len(passes) == 1:
+                self.policies[seq.mode.mode].consume(seq, p, logits[0])
             else:
-                self.policies[seq.mode.mode].consume(seq, p, logits)
+                self.policies[seq.mode.mode].consume_group(seq, passes, logits)
         except Exception as e:  # this sequence's fault: it alone fails (its pages are freed when it retires)
             self._fail(seq, e)
             seq.truncate_to = None

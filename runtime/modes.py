@@ -21,7 +21,7 @@ import torch
 
 from trimode.runtime.acceptance import greedy_accept, rejection_accept
 from trimode.runtime.passes import PassKind, SeqPass
-from trimode.runtime.request import ARConfig, DiffusionConfig, Mode, SequenceState, SpecConfig
+from trimode.runtime.request import ARConfig, DiffusionConfig, FusedSpecConfig, Mode, SequenceState, SpecConfig
 from trimode.runtime.sampling import select_tokens, target_probs
 from trimode.runtime.unmasking import even_schedule, first_finished_eos, reveal, token_confidence
 
@@ -44,12 +44,18 @@ class ModePolicy(ABC):
         self.mask_token_id = mask_token_id
 
     @abstractmethod
-    def plan(self, seq: SequenceState, cache_len: int) -> SeqPass | None:
-        """The sequence's next pass, or None if it finished without needing one."""
+    def plan(self, seq: SequenceState, cache_len: int) -> SeqPass | list[SeqPass] | None:
+        """The sequence's next pass (or passes that must run in one forward, the K/V-keeping one first), or
+        None if it finished without needing one."""
 
     @abstractmethod
     def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
         """Apply the logits [p.num_logits, V] of the sequence's pass."""
+
+    def consume_group(self, seq: SequenceState, passes: list[SeqPass], logits: list[torch.Tensor]) -> None:
+        """Apply the logits of a step that ran several passes for the sequence (a policy whose ``plan`` returns a
+        list); single-pass policies never get one."""
+        raise NotImplementedError(f"{type(self).__name__} plans one pass per step")
 
     def take_seed(self, seq: SequenceState) -> bool:
         """Make sure a pending token exists (drawn from the last causal logits). False if the sequence ended."""
@@ -153,12 +159,12 @@ class SpecPolicy(ModePolicy):
         (self._consume_draft if p.kind is PassKind.DRAFT else self._consume_verify)(seq, p, logits)
 
     def _consume_draft(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
-        cfg: SpecConfig = seq.mode
+        threshold = getattr(seq.mode, "threshold", 0.0)  # fused spec: always 0
         block: Block = seq.policy_state
         tokens = self.select(seq, logits)
         masked = torch.tensor(block.masked)
-        if cfg.threshold > 0:
-            chosen = reveal(token_confidence(logits, tokens), masked, "threshold", cfg.threshold, 1, False)
+        if threshold > 0:
+            chosen = reveal(token_confidence(logits, tokens), masked, "threshold", threshold, 1, False)
         else:
             chosen = masked
         sampling = seq.request.sampling
@@ -198,6 +204,83 @@ class SpecPolicy(ModePolicy):
         seq.pending, seq.next_logits, seq.policy_state = emitted[-1], None, None
 
 
+@dataclass
+class FusedDrafts:
+    """Fused spec's hand-over to its next step: the drafts for after ``seed`` and the draft distribution of each
+    (sampling only; None where greedy)."""
+
+    seed: int
+    tokens: list[int]
+    probs: list[torch.Tensor | None]
+
+
+class FusedSpecPolicy(SpecPolicy):
+    """Fused self-speculation (``FusedSpecConfig``): a step is one forward of the chain [seed, drafts] as a
+    verify pass (causal, kept) and of sub-block passes: sub-block i = [MASK x B'] at positions L+i+1 ..
+    L+i+B', a draft pass (LoRA on, nothing kept) whose context is the prefix plus chain tokens 0..i, which the
+    executor writes to the pool before the sub-blocks attend (docs/kernels.md, "Fused self-speculation pass").
+    Acceptance is linear spec's (greedy match or rejection sampling, the thinking budget applied to the targets);
+    after c accepted tokens the next seed is the bonus token and the next drafts are sub-block c-1's tokens 1..
+    (its token 0 is the bonus's position). Without drafts (the first step, or more accepted than sub-blocks
+    exist) one linear draft pass drafts the block first. Source: NLD paper, quadratic self-speculation
+    (spec/model.md section 2)."""
+
+    def plan(self, seq: SequenceState, cache_len: int) -> SeqPass | list[SeqPass] | None:
+        cfg: FusedSpecConfig = seq.mode
+        block: Block | None = seq.policy_state
+        if block is None:
+            if not self.take_seed(seq):
+                return None
+            carry = seq.carry if isinstance(seq.carry, FusedDrafts) and seq.carry.seed == seq.pending else None
+            seq.carry = None
+            limit = max(min(cfg.block_length if carry is None else cfg.next_block_length, seq.num_remaining), 1)
+            if carry is None:  # no drafts: a linear draft pass first
+                block = seq.policy_state = self.new_block(seq, limit)
+                block.phase = PassKind.DRAFT if any(block.masked) else PassKind.VERIFY
+                block.draft_probs = [None] * len(block.tokens)
+            else:
+                n = min(limit, 1 + len(carry.tokens))
+                block = seq.policy_state = Block([seq.pending] + carry.tokens[:n - 1], [False] * n, True,
+                                                 PassKind.VERIFY, draft_probs=[None] + carry.probs[:n - 1])
+        if block.phase is PassKind.DRAFT:
+            return SeqPass(seq.seq_id, PassKind.DRAFT, tuple(block.tokens), cache_len, num_logits=len(block.tokens),
+                           use_lora=cfg.use_lora)
+        chain = SeqPass(seq.seq_id, PassKind.VERIFY, tuple(block.tokens), cache_len, num_logits=len(block.tokens))
+        end = len(seq.request.prompt_ids) + seq.request.max_new_tokens  # no position past the request's last
+        subs = []
+        for i in range(min(cfg.num_subblocks, len(block.tokens))):
+            start = cache_len + i + 1
+            length = min(cfg.next_block_length, end - start)
+            if length < 2:  # nothing to draft beyond the bonus token
+                break
+            subs.append(SeqPass(seq.seq_id, PassKind.DRAFT, (self.mask_token_id,) * length, start,
+                                num_logits=length, use_lora=cfg.use_lora))
+        return [chain, *subs]
+
+    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+        if p.kind is PassKind.DRAFT:  # the linear draft pass
+            self._consume_draft(seq, p, logits)
+            return
+        self.consume_group(seq, [p], [logits])
+
+    def consume_group(self, seq: SequenceState, passes: list[SeqPass], logits: list[torch.Tensor]) -> None:
+        """The chain's verify logits (``passes[0]``) and each sub-block's logits [B'_i, V]."""
+        had_subblocks = len(passes) - 1
+        self._consume_verify(seq, passes[0], logits[0])  # emits, sets truncate_to, pending = the bonus token
+        accepted = seq.accepted_lengths[-1]
+        if seq.is_finished:
+            return
+        if accepted - 1 < had_subblocks:
+            sub = logits[accepted]  # sub-block accepted-1: its position 0 is the bonus token's
+            tokens = self.select(seq, sub[1:])
+            sampling = seq.request.sampling
+            probs = [None] * len(tokens) if sampling.is_greedy else \
+                list(target_probs(sub[1:], sampling, self.mask_token_id))
+            seq.carry = FusedDrafts(seq.pending, [int(t) for t in tokens], probs)
+        else:
+            seq.fused_fallbacks += 1  # more accepted than drafted ahead: the next step drafts linearly
+
+
 def _one_hot_like(token: int, like: torch.Tensor) -> torch.Tensor:
     """The draft distribution of a token placed, not sampled (a forced slot): all mass on it. [V], like's dtype."""
     return torch.nn.functional.one_hot(torch.tensor(token), like.shape[-1]).to(like)
@@ -205,7 +288,8 @@ def _one_hot_like(token: int, like: torch.Tensor) -> torch.Tensor:
 
 def make_policies(mask_token_id: int) -> dict[Mode, ModePolicy]:
     return {Mode.AR: ARPolicy(mask_token_id), Mode.DIFFUSION: DiffusionPolicy(mask_token_id),
+            Mode.FUSED_SPEC: FusedSpecPolicy(mask_token_id),
             Mode.SPEC: SpecPolicy(mask_token_id)}
 
 
-__all__ = ["ARConfig", "DiffusionConfig", "SpecConfig", "ModePolicy", "make_policies"]
+__all__ = ["ARConfig", "DiffusionConfig", "SpecConfig", "FusedSpecConfig", "ModePolicy", "make_policies"]

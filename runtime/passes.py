@@ -41,7 +41,10 @@ class PassKind(str, Enum):
 class SeqPass:
     """Compute ``token_ids`` of sequence ``seq_id`` at positions start_pos .. start_pos+len-1.
 
-    ``start_pos`` equals the sequence's committed length: a pass always continues the cache.
+    ``start_pos`` equals the sequence's committed length: a pass continues the cache. The one exception is a
+    fused spec step (runtime.modes.FusedSpecPolicy): besides its chain (a verify pass at the committed length)
+    it holds draft passes of the same sequence at start_pos L+i+1, whose context includes chain tokens written
+    earlier in the same forward (executors write kept K/V first: docs/kernels.md).
     Logits are returned for the last ``num_logits`` tokens.
     """
 

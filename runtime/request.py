@@ -24,6 +24,7 @@ class Mode(str, Enum):
     AR = "ar"
     DIFFUSION = "diffusion"
     SPEC = "spec"
+    FUSED_SPEC = "fused_spec"
     AUTO = "auto"
 
 
@@ -115,7 +116,55 @@ class AutoConfig:
         return AutoConfig(tuple(sorted(lengths)), use_lora)
 
 
-ModeConfig = Union[ARConfig, DiffusionConfig, SpecConfig, AutoConfig]
+# fused_spec's defaults, from tokens per forward on tiny-kjv at block 16 (docs/performance.md): more than 4
+# sub-blocks add nothing (more than 4 tokens are rarely accepted), and sub-blocks of B/2 give what B does
+FUSED_SUBBLOCKS = 4
+
+
+@dataclass(frozen=True)
+class FusedSpecConfig:
+    """Fused self-speculation (the NLD paper's quadratic self-speculation): one forward per step verifies the
+    draft chain [seed, d_1 .. d_(n-1)] (causal, K/V kept: its logits verify the drafts as a verify pass does)
+    and drafts the next block in ``num_subblocks`` sub-blocks of ``subblock_length`` masks (default:
+    ``block_length``), sub-block i placed after chain token i and seeing the prefix up to it (LoRA on, nothing
+    kept): after c tokens are accepted, sub-block c-1 holds the next drafts, with no draft pass of its own
+    (defaults: 4 sub-blocks of ``block_length // 2``). When
+    more tokens are accepted than there are sub-blocks, or at the start, one linear draft pass drafts instead
+    (a fallback). Threshold 0 (every mask filled at once), so sampled output is exact by rejection sampling.
+    Attention: docs/kernels.md, "Fused self-speculation pass"."""
+
+    block_length: int = 32
+    num_subblocks: int | None = None      # None: min(FUSED_SUBBLOCKS, block_length)
+    subblock_length: int | None = None    # None: block_length // 2 (at least 1)
+    use_lora: bool = True
+    mode = Mode.FUSED_SPEC
+
+    def __post_init__(self) -> None:
+        _check_block_length(self.block_length)
+        if self.num_subblocks is None:
+            object.__setattr__(self, "num_subblocks", min(FUSED_SUBBLOCKS, self.block_length))
+        if not isinstance(self.num_subblocks, int) or isinstance(self.num_subblocks, bool) \
+                or not 1 <= self.num_subblocks <= self.block_length:
+            raise RequestError(f"num_subblocks must be an integer in 1 .. block_length ({self.block_length}), "
+                               f"got {self.num_subblocks!r}")
+        if self.subblock_length is not None and (
+                not isinstance(self.subblock_length, int) or isinstance(self.subblock_length, bool)
+                or not 1 <= self.subblock_length <= self.block_length):
+            raise RequestError(f"subblock_length must be an integer in 1 .. block_length ({self.block_length}), "
+                               f"got {self.subblock_length!r}")
+
+    @property
+    def next_block_length(self) -> int:
+        """B': the sub-blocks' length, hence every later chain's (seed + B' - 1 drafts)."""
+        return self.subblock_length or max(1, self.block_length // 2)
+
+    @property
+    def max_pass_tokens(self) -> tuple[int, int]:
+        """(causal tokens, block-bidirectional tokens) of one fused step: the chain and the sub-blocks."""
+        return self.block_length, self.num_subblocks * self.next_block_length
+
+
+ModeConfig = Union[ARConfig, DiffusionConfig, SpecConfig, FusedSpecConfig, AutoConfig]
 
 DIFFUSION_THRESHOLD = 0.9  # the model card's confidence threshold for block diffusion
 SPEC_THRESHOLD = 0.0       # one draft pass per block (exact rejection sampling needs it)
@@ -123,7 +172,8 @@ SPEC_THRESHOLD = 0.0       # one draft pass per block (exact rejection sampling 
 
 def mode_config(mode: str | Mode, block_size: int, block_length: int | None = None, threshold: float | None = None,
                 policy: str = "threshold", max_steps: int | None = None, use_lora: bool = True,
-                causal_context: bool = True) -> ModeConfig:
+                causal_context: bool = True, num_subblocks: int | None = None,
+                subblock_length: int | None = None) -> ModeConfig:
     """The mode config of a request with the project's defaults filled in: the one factory behind the API, the
     CLI and the Triton model. ``block_length`` None means the checkpoint's ``block_size`` (for ``auto``: the
     longest block it may choose); ``threshold`` None
@@ -138,6 +188,8 @@ def mode_config(mode: str | Mode, block_size: int, block_length: int | None = No
     block = block_size if block_length is None else block_length
     if mode is Mode.AUTO:
         return AutoConfig.up_to(block, use_lora)
+    if mode is Mode.FUSED_SPEC:
+        return FusedSpecConfig(block, num_subblocks, subblock_length, use_lora)
     if mode is Mode.DIFFUSION:
         if policy == "threshold" and threshold is None:
             threshold = DIFFUSION_THRESHOLD
@@ -164,7 +216,7 @@ class GenerationRequest:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
                 or self.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        spec = [m for m in (self.mode, *(m for _, m in self.switches)) if isinstance(m, SpecConfig)]
+        spec = [m for m in (self.mode, *(m for _, m in self.switches)) if isinstance(m, SpecConfig)]  # fused: 0
         if not self.sampling.is_greedy and any(m.threshold > 0 for m in spec):
             raise RequestError("spec decoding with temperature > 0 needs threshold 0: rejection sampling is "
                                "exact only for drafts filled in one pass")
@@ -199,6 +251,7 @@ class GenerationResult:
     text: str | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)
     auto_choices: dict[str, int] = field(default_factory=dict)  # mode auto: steps in "ar", cycles in "spec:B"
+    fused_fallbacks: int = 0           # fused spec: linear draft passes taken because no sub-block covered it
 
     @property
     def num_forwards(self) -> int:
@@ -218,7 +271,8 @@ class GenerationResult:
                 "num_tokens": len(self.token_ids), "tokens_per_forward": round(self.tokens_per_forward, 4),
                 "mean_accepted_length": self.mean_accepted_length, "accepted_lengths": list(self.accepted_lengths),
                 "wall_time_s": round(self.wall_time_s, 4), "finish_reason": self.finish_reason,
-                **({"auto_choices": dict(self.auto_choices)} if self.auto_choices else {})}
+                **({"auto_choices": dict(self.auto_choices)} if self.auto_choices else {}),
+                **({"fused_fallbacks": self.fused_fallbacks} if self.fused_fallbacks else {})}
 
 
 TokenCallback = Callable[[int, list[int]], "bool | None"]   # (request_id, new token ids) -> False: stop here
@@ -251,6 +305,9 @@ class SequenceState:
     truncate_to: int | None = None       # set by a policy: roll the cache back to this length after the step
     start_time: float = field(default_factory=time.perf_counter)
     on_tokens: TokenCallback | None = None
+    carry: object | None = None          # what a policy hands its next step across a boundary (fused spec's
+                                         # next drafts); dropped when the mode changes
+    fused_fallbacks: int = 0             # fused spec: linear draft passes after more was accepted than drafted
     auto: AutoConfig | None = None       # mode auto is selected: ``mode`` is what it chose for this cycle
     acceptance: object | None = None     # mode auto: runtime.scheduling.AcceptanceEstimate
     auto_choices: dict[str, int] = field(default_factory=dict)
@@ -298,4 +355,5 @@ class SequenceState:
         return GenerationResult(self.seq_id, list(self.request.prompt_ids), list(self.generated), self.finish_reason,
                                 dict(self.forwards), list(self.accepted_lengths), list(self.revealed_per_step),
                                 time.perf_counter() - self.start_time, self.error,
-                                exception=self.exception, auto_choices=dict(self.auto_choices))
+                                exception=self.exception, auto_choices=dict(self.auto_choices),
+                                fused_fallbacks=self.fused_fallbacks)

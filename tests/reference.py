@@ -382,3 +382,62 @@ def ref_spec_generate(weights: RefWeights, cfg: ModelConfig, prompt: Sequence[in
         if hit_eos:
             break
     return emitted, accepted
+
+
+# ---- fused (quadratic) self-speculation -----------------------------------------------------------------
+
+
+def ref_fused_spec_generate(weights: RefWeights, cfg: ModelConfig, prompt: Sequence[int], max_new_tokens: int,
+                            block_length: int, num_subblocks: int, subblock_length: int, use_lora: bool = True,
+                            eos_ids: Iterable[int] = ()) -> tuple[list[int], list[int], int]:
+    """(new tokens, accepted length per verify, fallback draft passes). Each step verifies the chain [seed,
+    drafts] causally and computes, without any cache, sub-block i (i < min(num_subblocks, chain length)):
+    ``subblock_length`` masks at the positions after chain token i that see the text so far, chain tokens 0..i
+    and each other (the dense form of the quadratic mask, LoRA on the masks). After n accepted tokens the next
+    drafts are sub-block n-1's tokens 1..; with no such sub-block (or at the start) a linear draft pass of the
+    seed block drafts instead. Greedy (argmax, mask id excluded)."""
+    eos, MASK = set(eos_ids), cfg.mask_token_id
+    lora = use_lora and weights.has_lora
+    end = len(prompt) + max_new_tokens
+    emitted = [_next_causal_token(weights, cfg, prompt)]
+    accepted: list[int] = []
+    carry: list[int] | None = None
+    fallbacks = 0
+    if emitted[0] in eos:
+        return emitted, accepted, fallbacks
+    while len(emitted) < max_new_tokens:
+        context = list(prompt) + emitted[:-1]
+        remaining = max_new_tokens - len(emitted)
+        if carry is None:  # a linear draft pass: [seed, MASK x (b-1)], every mask filled at once
+            b = max(min(block_length, remaining), 1)
+            chain = [emitted[-1]] + [MASK] * (b - 1)
+            if b > 1:
+                x0 = select(_denoise_logits(weights, cfg, context, chain, use_lora=lora), MASK)
+                chain = [chain[0]] + [int(t) for t in x0[1:]]
+        else:
+            b = max(min(subblock_length, remaining), 1)
+            chain = [emitted[-1]] + carry[:b - 1]
+        ids = context + chain
+        logits = ref_logits(weights, cfg, ids, causal_allowed(len(ids)))[len(context):]
+        ar = [int(t) for t in select(logits, MASK)]
+        subs = []
+        for i in range(min(num_subblocks, len(chain))):
+            length = min(subblock_length, end - (len(context) + i + 1))
+            if length < 2:
+                break
+            sub = _denoise_logits(weights, cfg, context + chain[:i + 1], [MASK] * length, use_lora=lora)
+            subs.append([int(t) for t in select(sub, MASK)])
+        n = 1
+        while n < len(chain) and ar[n - 1] == chain[n]:
+            n += 1
+        new, hit_eos = _truncate_after_eos(ar[:n], eos)
+        emitted.extend(new)
+        accepted.append(len(new))
+        if hit_eos or len(emitted) >= max_new_tokens:
+            break
+        if n - 1 < len(subs):
+            carry = subs[n - 1][1:]
+        else:
+            carry = None
+            fallbacks += 1
+    return emitted, accepted, fallbacks

@@ -46,14 +46,16 @@ SAME_GRAPH = {"prefill": ("verify", "decode"), "decode": ("verify", "prefill"), 
 def run_by_engine_kind(passes: Sequence[SeqPass], run: Callable[[str, list[SeqPass]], torch.Tensor],
                        same: Callable[[str], str] | None = None) -> list[torch.Tensor]:
     """Group the passes by the engine kind that serves them (``same(kind)``: the kind whose graph runs it, when
-    several share one), ``run`` each group once (-> logits rows of its passes, in order), and return each
-    pass's logits in the order of ``passes``."""
+    several share one), ``run`` each group once (-> logits rows of its passes, in order), the groups whose
+    passes keep K/V first, and return each pass's logits in the order of ``passes``."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(passes):
         kind = PASS_TO_KIND[p.kind]
         groups[same(kind) if same else kind].append(i)
     out: list[torch.Tensor] = [torch.empty(0)] * len(passes)
-    for kind, idx in groups.items():
+    # graphs that keep K/V run first: a fused spec step's sub-blocks (draft graph) read its chain's K/V (verify
+    # graph) from the pool (docs/kernels.md, "Fused self-speculation pass")
+    for kind, idx in sorted(groups.items(), key=lambda g: not any(passes[i].kind.keeps_kv for i in g[1])):
         batch = [passes[i] for i in idx]
         for i, lg in zip(idx, run(kind, batch).split([p.num_logits for p in batch])):
             out[i] = lg

@@ -107,7 +107,7 @@ class TorchExecutor(Executor):
         invariant = self.model.batch_invariant  # each row alone (runtime.model.network)
         is_reference = not invariant and ops.resolve_backend(device, self.kernels) == "reference"
         runs = attention_runs(cache, batch, device, padded=is_reference)
-        # kept passes write their K/V after each layer's attention; the others get slot -1 (not written)
+        # kept passes write their K/V before each layer's attention; the others get slot -1 (not written)
         slot_mapping = [s for p in batch for s in (slot_list(cache, p.seq_id, p.start_pos, p.num_tokens)
                                                    if p.kind.keeps_kv else [-1] * p.num_tokens)]
         keeps_any = any(p.kind.keeps_kv for p in batch)
@@ -121,26 +121,28 @@ class TorchExecutor(Executor):
         scale, page_size = self.model.config.softmax_scale, cache.page_size
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # kv-first (docs/kernels.md): kept K/V is in the pool before attention, so a fused spec step's
+            # sub-blocks read the chain tokens of this very forward from the pool; no other pass reads its own rows
             k_pool, v_pool = cache.k_pool[layer], cache.v_pool[layer]
             if is_reference:
-                outs = [paged_attention_padded(q[r.rows], k[r.rows], v[r.rows], k_pool, v_pool, r.layout, scale)
-                        for r in runs]
                 if keeps_any:
                     for new, pool in ((k, k_pool), (v, v_pool)):
                         rows = new if kept is None else new.index_select(0, kept)
                         pool.view(-1, *pool.shape[2:]).index_copy_(0, kept_slots, rows.to(pool.dtype))
+                outs = [paged_attention_padded(q[r.rows], k[r.rows], v[r.rows], k_pool, v_pool, r.layout, scale)
+                        for r in runs]
             elif invariant:
-                outs = [batch_invariant_attention(q[r.rows], k[r.rows], v[r.rows], k_pool, v_pool, r.block_tables,
-                                                  r.context_lens, r.query_start, r.is_causal, scale) for r in runs]
                 if keeps_any:
                     ops.kv_append(k, v, k_pool, v_pool, slot_tensor, backend=self.kernels)
+                outs = [batch_invariant_attention(q[r.rows], k[r.rows], v[r.rows], k_pool, v_pool, r.block_tables,
+                                                  r.context_lens, r.query_start, r.is_causal, scale) for r in runs]
             else:
+                if keeps_any:
+                    ops.kv_append(k, v, k_pool, v_pool, slot_tensor, backend=self.kernels)
                 outs = [ops.paged_attention(q[r.rows], k[r.rows], v[r.rows], k_pool, v_pool, r.block_tables,
                                             r.context_lens, r.query_start, r.is_causal, scale, page_size,
                                             backend=self.kernels, max_query_len=r.max_query_len,
                                             max_context_len=r.max_context_len) for r in runs]
-                if keeps_any:
-                    ops.kv_append(k, v, k_pool, v_pool, slot_tensor, backend=self.kernels)
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         hidden = self.model.forward_hidden(ids, positions, attend, lora_mask)

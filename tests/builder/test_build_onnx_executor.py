@@ -106,3 +106,57 @@ def test_prepacked_sessions_one_per_graph_same_tokens(engine):
     for mode in (ARConfig(), SpecConfig(4), DiffusionConfig(4)):
         got = [r.token_ids for r in lm.run([lm.request(p, 9, mode) for p in prompts])]
         assert got == [r.token_ids for r in reference.run([reference.request(p, 9, mode) for p in prompts])], mode
+
+
+def test_fused_spec_on_the_reference_graphs(engine):
+    """Fused spec runs its chain in the verify graph and its sub-blocks in the draft graph of the same forward
+    (the K/V-keeping graph first: docs/kernels.md): the onnxruntime executor gives the torch executor's tokens,
+    which are AR's, batched, mixed with other modes and switching in and out of fused spec."""
+    from trimode.runtime.request import FusedSpecConfig
+
+    prompts = random_prompts([6, 9, 4, 11], seed=5)
+    fused = FusedSpecConfig(4, 2, 2)
+    results = {}
+    for name, lm in lms(engine).items():
+        ar = [r.token_ids for r in lm.ar_generate(prompts, max_new_tokens=14)]
+        reqs = [lm.request(prompts[0], 14, fused),
+                lm.request(prompts[1], 14, ARConfig(), switches=[(3, fused), (9, SpecConfig(4))]),
+                lm.request(prompts[2], 14, fused, switches=[(5, ARConfig()), (10, fused)]),
+                lm.request(prompts[3], 14, DiffusionConfig(4))]
+        out = lm.run(reqs)
+        assert [r.token_ids for r in out[:3]] == ar[:3], name
+        assert out[0].forwards["verify"] > 0 and lm.cache.stats().num_free_pages == lm.cache.num_pages
+        # greedy tokens are AR's whatever the drafts; the accepted lengths show the drafts themselves agree
+        results[name] = [(r.token_ids, r.accepted_lengths, r.fused_fallbacks) for r in out]
+    assert results["onnxruntime"] == results["torch"]
+
+
+def test_fused_step_sub_blocks_read_the_chain_written_in_the_same_forward(engine):
+    """One fused step through each executor, with the chain's pool rows poisoned (NaN) beforehand: the chain's
+    verify graph must write them before the sub-blocks' draft graph reads them, so every logit is finite and
+    onnxruntime's equal torch's."""
+    import torch
+
+    from trimode.runtime.passes import PassKind, SeqPass
+
+    prompt = random_prompts([9], seed=2)[0]
+    logits = {}
+    for name, lm in lms(engine).items():
+        cache, mask = lm.cache, lm.config.mask_token_id
+        cache.add_sequence(0)
+        cache.reserve(0, len(prompt) + 4)
+        lm.executor.forward([SeqPass(0, PassKind.PREFILL, tuple(prompt), 0)])
+        cache.set_length(0, len(prompt))
+        L = len(prompt)
+        for pool in (cache.k_pool, cache.v_pool):  # the chain's rows: stale garbage until the chain writes them
+            for pos in range(L, L + 4):
+                page, row = cache.block_table(0)[pos // cache.page_size], pos % cache.page_size
+                pool[:, page, row] = float("nan")
+        chain = SeqPass(0, PassKind.VERIFY, (prompt[-1], 5, 6, 7), L, num_logits=4)
+        subs = [SeqPass(0, PassKind.DRAFT, (mask, mask), L + i + 1, num_logits=2, use_lora=True) for i in range(2)]
+        out = lm.executor.forward([subs[1], chain, subs[0]])  # any order in the list: kept graphs run first
+        cache.free(0)
+        assert all(bool(torch.isfinite(x).all()) for x in out), name
+        logits[name] = out
+    for a, b in zip(logits["onnxruntime"], logits["torch"]):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

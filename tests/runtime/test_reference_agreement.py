@@ -28,10 +28,10 @@ from trimode.runtime.model.config import RopeConfig, tiny_config
 
 try:  # tests/ may or may not be a package
     from .reference import (block_allowed, causal_allowed, load_reference, ref_ar_generate,
-                            ref_diffusion_generate, ref_logits, ref_spec_generate)
+                            ref_diffusion_generate, ref_fused_spec_generate, ref_logits, ref_spec_generate)
 except ImportError:
     from reference import (block_allowed, causal_allowed, load_reference, ref_ar_generate,  # type: ignore
-                           ref_diffusion_generate, ref_logits, ref_spec_generate)
+                           ref_diffusion_generate, ref_fused_spec_generate, ref_logits, ref_spec_generate)
 
 MAX_NEW = 21            # deliberately not a multiple of any block length
 PROMPT_LENGTHS = (3, 7, 12, 5)
@@ -411,3 +411,37 @@ def test_thinking_budget_is_not_forced_after_thinking_ended(reference, runtime_l
                                       eos_token_ids=[NO_EOS])[0]
     got = list(sampled.token_ids)
     assert (END_THINK in got[:6]) or got[6] == END_THINK, got
+
+
+# ---- 7. fused (quadratic) self-speculation ---------------------------------------------------------------
+
+FUSED_CASES = [(name, batch, b, k, bp, lora)
+               for name in VARIANTS for batch in (1, 4)
+               for b, k, bp in [(4, 1, 4), (8, 4, 8), (16, 16, 8), (8, 8, 3)]
+               for lora in (True, False)
+               if (name == MAIN or (batch == 4 and lora and b == 8))]
+
+
+@pytest.mark.parametrize("name,batch,block_length,num_subblocks,subblock_length,use_lora", FUSED_CASES)
+def test_fused_spec_matches_reference_and_ar(name, batch, block_length, num_subblocks, subblock_length, use_lora,
+                                             reference, reference_ar, runtime_lm):
+    """Greedy fused spec: the same tokens, accepted lengths and fallbacks as the dense no-cache reference of the
+    quadratic mask, and the same tokens as AR (lossless); the pool holds nothing afterwards."""
+    from trimode.runtime.request import FusedSpecConfig
+
+    weights, cfg = reference(name)
+    lm = runtime_lm(name)
+    prompts = _batch(batch)
+    mode = FusedSpecConfig(block_length, num_subblocks, subblock_length, use_lora)
+    outs = lm.run([lm.request(p, MAX_NEW, mode, eos_token_ids=[NO_EOS]) for p in prompts])
+    _check_results(outs, prompts)
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        want, accepted, fallbacks = ref_fused_spec_generate(weights, cfg, prompt, MAX_NEW, block_length,
+                                                            num_subblocks, subblock_length, use_lora,
+                                                            eos_ids=[NO_EOS])
+        what = f"{name} fused B={block_length} K={num_subblocks} B'={subblock_length} lora={use_lora} prompt {i}"
+        assert want == reference_ar(name, prompt, [NO_EOS]), f"{what}: the reference itself is not lossless"
+        _assert_same_tokens(list(out.token_ids), want, what)
+        assert list(out.accepted_lengths) == accepted and out.fused_fallbacks == fallbacks, what
+        assert out.forwards["verify"] == len(accepted) and out.forwards["draft"] == fallbacks + 1, what
+    assert lm.cache.stats().num_free_pages == lm.cache.num_pages

@@ -28,7 +28,7 @@ def test_generate_json_counters(ckpt, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mode", "beam"], "argument --mode: invalid choice: 'beam' (choose from 'ar', 'diffusion', 'spec', 'auto')"),
+    (["--mode", "beam"], "argument --mode: invalid choice: 'beam' (choose from 'ar', 'diffusion', 'spec', 'fused_spec', 'auto')"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
     (["--threshold", "1.5"], "--threshold must be in [0, 1], got 1.5"),
     (["--temperature", "nan"], "--temperature must be a finite number >= 0"),

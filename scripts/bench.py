@@ -4,8 +4,10 @@
 Prompt sets (from the King James Bible corpus of the shipped model, scripts/kjv_corpus.py):
   free        the opening verses of held-out chapters (never seen in training);
   structured  passages whose continuation is predictable: genealogies, refrains, well-known openings.
-Modes: AR; diffusion at tau in {0.7, 0.9}; spec with and without the LoRA drafter; block 8 / 16 / 32;
-batch 1 and 4. For each: tokens per forward, mean accepted length per verify, tokens/s, speed-up over AR
+Modes: AR; diffusion at tau in {0.7, 0.9}; spec with and without the LoRA drafter; fused spec with 2 and 4
+sub-blocks of block / 2 (``fused_vs_spec``: its tokens per forward and tokens/s over linear spec's with the LoRA,
+same set, batch and block); block 8 / 16 / 32; batch 1 and 4 (``--modes`` picks a subset; ``--pass-costs`` adds
+c(T)/c(1) of the passes spec and fused spec run). For each: tokens per forward, mean accepted length per verify, tokens/s, speed-up over AR
 measured in the same run (same set, same batch), and the distinct-4-gram ratio of the output.
 Writes results.json and a PNG plot into --out; the last stdout line is the JSON summary.
 
@@ -57,15 +59,49 @@ def distinct_4grams(tokens: list[int]) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def configurations(blocks: list[int]):
-    from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
+def configurations(blocks: list[int], modes: list[str] | None = None):
+    from trimode.runtime.request import ARConfig, DiffusionConfig, FusedSpecConfig, SpecConfig
+
+    def wanted(mode: str) -> bool:
+        return modes is None or mode in modes
 
     yield "ar", {}, ARConfig()
     for block in blocks:
-        for tau in (0.7, 0.9):
-            yield "diffusion", {"block": block, "tau": tau}, DiffusionConfig(block, threshold=tau)
-        for lora in (True, False):
-            yield "spec", {"block": block, "lora": lora}, SpecConfig(block, use_lora=lora)
+        if wanted("diffusion"):
+            for tau in (0.7, 0.9):
+                yield "diffusion", {"block": block, "tau": tau}, DiffusionConfig(block, threshold=tau)
+        if wanted("spec"):
+            for lora in (True, False):
+                yield "spec", {"block": block, "lora": lora}, SpecConfig(block, use_lora=lora)
+        if wanted("fused_spec"):
+            for k in (2, 4):  # sub-blocks of block / 2 (the default); 4 is the default K
+                cfg = FusedSpecConfig(block, min(k, block))
+                yield "fused_spec", {"block": block, "K": cfg.num_subblocks, "sub": cfg.next_block_length}, cfg
+
+
+def fused_pass_costs(lm, blocks: list[int], batches: list[int], repeats: int) -> list[dict]:
+    """c(T)/c(1) of the passes a fused spec step runs at each block B (default K = 4 sub-blocks of B/2): its chain
+    (a verify pass of B tokens) and its sub-blocks (K draft passes of B/2 per sequence), and linear spec's draft
+    and verify passes of B, at each batch N (runtime.profiling; median of ``repeats`` forwards)."""
+    from trimode.runtime.profiling import pass_costs
+    from trimode.runtime.scheduling import PassCostTable
+
+    tokens = sorted({1, *blocks, *(max(1, b // 2) for b in blocks)})
+    batch_sizes = sorted({*batches, *(4 * n for n in batches)})
+    costs = pass_costs(lm.executor, lm.config.mask_token_id, tokens, batch_sizes, ["decode", "verify", "draft"],
+                       64, repeats)
+    table = PassCostTable({(c.kind, c.batch, c.num_tokens): c.median_ms for c in costs})
+    rows = []
+    for block in blocks:
+        sub = max(1, block // 2)
+        for n in batches:
+            one = table.cost_ms("decode", n, 1)
+            rows.append({"block": block, "batch": n, "decode_ms": round(one, 3),
+                         "spec_draft_plus_verify": round((table.cost_ms("draft", n, block)
+                                                          + table.cost_ms("verify", n, block)) / one, 3),
+                         "fused_chain_plus_subblocks": round((table.cost_ms("verify", n, block)
+                                                              + table.cost_ms("draft", 4 * n, sub)) / one, 3)})
+    return rows
 
 
 def run_one(lm, prompts: list[str], mode, batch: int, max_new_tokens: int, repeats: int) -> dict:
@@ -195,6 +231,10 @@ def main() -> int:
     ap.add_argument("--thread-plans", action="store_true",
                     help="only compare thread plans of the onnxruntime executor (block 16; see above)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
+    ap.add_argument("--modes", nargs="+", choices=["diffusion", "spec", "fused_spec"], default=None,
+                    help="besides AR, only these modes (default: all)")
+    ap.add_argument("--pass-costs", action="store_true",
+                    help="also measure c(T)/c(1) of the passes spec and fused spec run at each block and batch")
     args = ap.parse_args()
 
     import torch
@@ -207,15 +247,21 @@ def main() -> int:
                           "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
                                    for r in rows]}))
         return 0
-    rows = []
+    rows, costs = [], []
     for executor in args.executor:
         lm = open_runtime(args, executor)
-        for mode in (c for _, _, c in configurations(args.blocks[:1])):  # warm-up every code path
+        for mode in (c for _, _, c in configurations(args.blocks[:1], args.modes)):  # warm-up every code path
             lm.run([lm.request(sets["free"][0], 16, mode)])
+        if args.pass_costs:
+            for r in fused_pass_costs(lm, args.blocks, args.batches, max(args.repeats, 5)):
+                costs.append({"executor": executor, **r})
+                print(f"{executor:11s} c(T)/c(1) B={r['block']} N={r['batch']}: spec draft+verify "
+                      f"{r['spec_draft_plus_verify']:.2f}, fused chain+sub-blocks {r['fused_chain_plus_subblocks']:.2f}",
+                      flush=True)
         for set_name, prompts in sets.items():
             for batch in args.batches:
                 ar_tps = None
-                for mode_name, params, mode in configurations(args.blocks):
+                for mode_name, params, mode in configurations(args.blocks, args.modes):
                     m = run_one(lm, prompts, mode, batch, args.max_new_tokens, args.repeats)
                     ar_tps = ar_tps or m["tokens_per_s"]
                     label = mode_name + "".join(f" {k}={v}" for k, v in params.items())
@@ -234,10 +280,19 @@ def main() -> int:
             "command": " ".join(["scripts/bench.py", *sys.argv[1:]]), "max_new_tokens": args.max_new_tokens,
             "repeats": args.repeats,
             "num_prompts": {k: len(v) for k, v in sets.items()}}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    fused_vs_spec = [{"executor": f["executor"], "set": f["set"], "batch": f["batch"], "block": f["block"], "K": f["K"],
+                      "tpf_ratio": f["tokens_per_forward"] / sp["tokens_per_forward"],
+                      "tokens_per_s_ratio": f["tokens_per_s"] / sp["tokens_per_s"]}
+                     for f in rows if f["mode"] == "fused_spec"
+                     for sp in rows if sp["mode"] == "spec" and sp["lora"] and
+                     all(sp[k] == f[k] for k in ("executor", "set", "batch", "block"))]
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "pass_costs": costs,
+                                                  "fused_vs_spec": fused_vs_spec}, indent=1) + "\n")
     plot([r for r in rows if r["executor"] == args.executor[0]], out / "bench.png")
     summary = {"meta": meta, "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                                       if k != "sample"} for r in rows]}
+                                       if k != "sample"} for r in rows], "pass_costs": costs,
+               "fused_vs_spec": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                                 for r in fused_vs_spec]}
     print(json.dumps(summary))
     return 0
 

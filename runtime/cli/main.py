@@ -1,6 +1,6 @@
 """The ``trimode`` command line.
 
-    trimode generate --model DIR --mode {ar,diffusion,spec} [options] PROMPT
+    trimode generate --model DIR --mode {ar,diffusion,spec,fused_spec,auto} [options] PROMPT
     trimode generate --model DIR --chat [--system TEXT] [--stop TEXT] [--max-thinking-tokens N] PROMPT
     trimode generate --engine DIR [--executor auto|tensorrt|onnxruntime|torch] ...   (an engine directory)
     trimode triton-repo --model DIR --out REPO      (runtime/cli/serve.py)
@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
                    help="diffusion: denoising passes per block (default: block length)")
     g.add_argument("--no-lora", action="store_true", help="spec: draft without the linear_spec_lora adapter")
+    g.add_argument("--num-subblocks", type=_positive_int("--num-subblocks"), default=None,
+                   help="fused_spec: sub-blocks drafted per step (default 4)")
+    g.add_argument("--subblock-length", type=_positive_int("--subblock-length"), default=None,
+                   help="fused_spec: tokens per sub-block, the next chain's length (default block length / 2)")
     g.add_argument("--temperature", type=_temperature, default=0.0)
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=None)
     g.add_argument("--top-p", type=_unit_float("--top-p", low_open=True), default=1.0)
@@ -136,7 +140,8 @@ def _mode_config(args: argparse.Namespace, block_size: int) -> ModeConfig:
     if args.mode == "diffusion" and args.policy != "threshold" and args.threshold is not None:
         raise ValueError("--threshold applies only to --policy threshold")
     return mode_config(args.mode, block_size, args.block_length, args.threshold, args.policy, args.max_steps,
-                       use_lora=not args.no_lora)
+                       use_lora=not args.no_lora, num_subblocks=args.num_subblocks,
+                       subblock_length=args.subblock_length)
 
 
 def generate(args: argparse.Namespace, lm=None) -> int:

@@ -32,9 +32,9 @@ from trimode.runtime.executors.engine_kinds import PASS_TO_KIND
 from trimode.runtime.kv_cache import KVCacheExhausted
 from trimode.runtime.modes import make_policies
 from trimode.runtime.passes import PassKind, SeqPass
-from trimode.runtime.request import (ARConfig, AutoConfig, GenerationRequest, GenerationResult, Mode, RequestError,
-                                     SequenceState, SpecConfig, TokenCallback)
-from trimode.runtime.scheduling import AcceptanceEstimate, AutoScheduler, Candidate, DefaultCosts
+from trimode.runtime.request import (ARConfig, AutoConfig, FusedSpecConfig, GenerationRequest, GenerationResult, Mode,
+                                     RequestError, SequenceState, SpecConfig, TokenCallback)
+from trimode.runtime.scheduling import FUSED_PRIOR, AcceptanceEstimate, AutoScheduler, Candidate, DefaultCosts
 from trimode.runtime.settings import DEFAULTS
 
 # the passes each mode runs, and how many tokens each holds (b: the mode's block length)
@@ -110,6 +110,10 @@ class Engine:
                     raise RequestError(f"mode {cfg.mode.value!r} is not available: the engines of {lim.source} were "
                                        f"built for modes {list(lim.modes)} (build_engine.py --modes)")
             block = getattr(cfg, "block_length", 1)
+            if cfg.mode is Mode.AUTO and cfg.fused_subblocks:  # it may choose fused spec's sub-blocks too
+                passes.append((PassKind.DRAFT, cfg.fused_subblocks * block,
+                               f"auto's fused spec sub-blocks ({cfg.fused_subblocks} x {block} tokens; "
+                               f"fused_subblocks=0 leaves fused spec out)"))
             if cfg.mode is Mode.FUSED_SPEC:  # a fused step: the chain (verify) and the sub-blocks (draft)
                 chain, subs = cfg.max_pass_tokens
                 passes += [(PassKind.VERIFY, chain, f"a fused_spec chain of {chain}"),
@@ -170,6 +174,7 @@ class Engine:
         if isinstance(selected, AutoConfig):
             if seq.auto is None:
                 seq.mode, seq.acceptance = ARConfig(), seq.acceptance or AcceptanceEstimate()
+                seq.fused_acceptance = seq.fused_acceptance or AcceptanceEstimate(prior=FUSED_PRIOR)
             seq.auto = selected
         else:
             seq.mode, seq.auto = selected, None
@@ -180,8 +185,8 @@ class Engine:
         return seq.is_prefilled and seq.policy_state is None and not seq.is_finished
 
     def _decide_auto(self) -> None:
-        """Mode ``auto``: choose AR or spec (and its block length) for every auto sequence at a step boundary,
-        from the pass costs and their acceptance (runtime.scheduling)."""
+        """Mode ``auto``: choose AR, spec or fused spec (and the block length) for every auto sequence at a step
+        boundary, from the pass costs and their acceptance (runtime.scheduling)."""
         deciding = [s for s in self.running if s.auto is not None and self._at_boundary(s)]
         if not deciding:
             return
@@ -202,18 +207,28 @@ class Engine:
             fixed_tokens += 1.0
             fixed_ms += sched.costs.cost_ms(kind, n, 1 if kind == "decode" else block) / n
         lengths = sorted({b for s in deciding for b in s.auto.block_lengths})
-        decision = sched.decide([Candidate(s.acceptance.value, s.num_remaining) for s in deciding], n, lengths,
-                                fixed_tokens, fixed_ms)
-        for seq, block in zip(deciding, decision.block_lengths):
-            if block is not None and block not in seq.auto.block_lengths:  # another request's length: nearest own
-                block = min(seq.auto.block_lengths, key=lambda b: (abs(b - block), b))
-            if block is None:
+        fused = max(s.auto.fused_subblocks for s in deciding)
+        decision = sched.decide([Candidate(s.acceptance.value, s.num_remaining, s.fused_acceptance.value,
+                                           s.carry is not None and s.mode.mode is Mode.FUSED_SPEC)
+                                 for s in deciding], n, lengths, fixed_tokens, fixed_ms, fused)
+        for seq, choice in zip(deciding, decision.choices):
+            if choice is not None and choice[0] == "fused_spec" and not seq.auto.fused_subblocks:
+                choice = ("spec", choice[1])  # another request's option: the nearest of its own
+            if choice is not None and choice[1] not in seq.auto.block_lengths:
+                choice = (choice[0], min(seq.auto.block_lengths, key=lambda b: (abs(b - choice[1]), b)))
+            if choice is None:
                 seq.mode = ARConfig()
                 seq.acceptance.observe_ar()
+                seq.fused_acceptance.observe_ar()
                 key = "ar"
             else:
-                seq.mode = SpecConfig(block, 0.0, seq.auto.use_lora)
-                key = f"spec:{block}"
+                mode, block = choice
+                if mode == "spec":
+                    seq.mode = SpecConfig(block, 0.0, seq.auto.use_lora)
+                else:  # the same config while it stays fused: its drafts carry over to the next step
+                    seq.mode = FusedSpecConfig(block, min(seq.auto.fused_subblocks, block), block,
+                                               seq.auto.use_lora)
+                key = f"{mode}:{block}"
             seq.auto_choices[key] = seq.auto_choices.get(key, 0) + 1
 
     def _plan(self, seq: SequenceState) -> SeqPass | list[SeqPass] | None:
@@ -310,6 +325,7 @@ class Engine:
         """Apply one sequence's logits; a step counts one forward of its first pass's kind (a fused step: verify)."""
         p = passes[0]
         seq.forwards[p.kind.value] += 1
+        fused_drafts = getattr(seq.policy_state, "from_subblocks", False)  # whose drafts this verify judges
         for q in passes:
             if q.kind.keeps_kv:
                 self.cache.set_length(seq.seq_id, q.end_pos)
@@ -325,7 +341,8 @@ class Engine:
             seq.truncate_to = None
             return
         if p.kind is PassKind.VERIFY and seq.auto is not None and seq.accepted_lengths:
-            seq.acceptance.observe(seq.accepted_lengths[-1], p.num_tokens)
+            (seq.fused_acceptance if fused_drafts else seq.acceptance).observe(seq.accepted_lengths[-1],
+                                                                               p.num_tokens)
         if seq.truncate_to is not None:
             self.cache.truncate(seq.seq_id, seq.truncate_to)
             seq.truncate_to = None

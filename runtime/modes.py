@@ -37,6 +37,7 @@ class Block:
     step: int = 0
     schedule: list[int] = field(default_factory=list)
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)  # spec sampling: q per position
+    from_subblocks: bool = False  # fused spec: the drafts come from the previous step's sub-blocks
 
 
 class ModePolicy(ABC):
@@ -241,7 +242,8 @@ class FusedSpecPolicy(SpecPolicy):
             else:
                 n = min(limit, 1 + len(carry.tokens))
                 block = seq.policy_state = Block([seq.pending] + carry.tokens[:n - 1], [False] * n, True,
-                                                 PassKind.VERIFY, draft_probs=[None] + carry.probs[:n - 1])
+                                                 PassKind.VERIFY, draft_probs=[None] + carry.probs[:n - 1],
+                                                 from_subblocks=True)
         if block.phase is PassKind.DRAFT:
             return SeqPass(seq.seq_id, PassKind.DRAFT, tuple(block.tokens), cache_len, num_logits=len(block.tokens),
                            use_lora=cfg.use_lora)

@@ -88,18 +88,22 @@ class SpecConfig:
 
 @dataclass(frozen=True)
 class AutoConfig:
-    """Mode ``auto`` (runtime.scheduling): at each step boundary the engine runs the sequence as AR or as linear
-    self-speculation (threshold 0, ``use_lora``) with one of ``block_lengths``, whichever it expects to give the
-    batch the most tokens per second. Output as AR's: greedy identical, sampled with the same distribution."""
+    """Mode ``auto`` (runtime.scheduling): at each step boundary the engine runs the sequence as AR, as linear
+    self-speculation (threshold 0, ``use_lora``) or as fused self-speculation (``fused_subblocks`` sub-blocks)
+    with one of ``block_lengths``, whichever it expects to give the batch the most tokens per second. Output as
+    AR's: greedy identical, sampled with the same distribution."""
 
     block_lengths: tuple[int, ...] = (4, 8, 16, 32)
     use_lora: bool = True
+    fused_subblocks: int = 4   # fused spec is an option too, with this many sub-blocks of B (0: not an option)
     mode = Mode.AUTO
 
     def __post_init__(self) -> None:
         if not self.block_lengths or any(not isinstance(b, int) or isinstance(b, bool) or b < 2
                                          for b in self.block_lengths):
             raise RequestError(f"auto block_lengths must be integers >= 2, got {self.block_lengths!r}")
+        if not isinstance(self.fused_subblocks, int) or self.fused_subblocks < 0:
+            raise RequestError(f"auto fused_subblocks must be an integer >= 0, got {self.fused_subblocks!r}")
 
     @property
     def block_length(self) -> int:
@@ -309,7 +313,8 @@ class SequenceState:
                                          # next drafts); dropped when the mode changes
     fused_fallbacks: int = 0             # fused spec: linear draft passes after more was accepted than drafted
     auto: AutoConfig | None = None       # mode auto is selected: ``mode`` is what it chose for this cycle
-    acceptance: object | None = None     # mode auto: runtime.scheduling.AcceptanceEstimate
+    acceptance: object | None = None     # mode auto: runtime.scheduling.AcceptanceEstimate of linear drafts
+    fused_acceptance: object | None = None  # mode auto: that of fused spec's sub-block drafts
     auto_choices: dict[str, int] = field(default_factory=dict)
 
     @property

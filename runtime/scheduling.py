@@ -1,23 +1,30 @@
-"""Mode ``auto``: at each step boundary, choose AR or self-speculation and the block length for every ``auto``
-sequence of the running batch, from measured pass costs and each sequence's live acceptance.
+"""Mode ``auto``: at each step boundary, choose AR, linear or fused self-speculation and the block length for
+every ``auto`` sequence of the running batch, from measured pass costs and each sequence's live acceptance.
 
 Model (one decision per step, no forward needed to decide):
 
 - Cost. A forward over N sequences costs ``c(kind, N, T)`` ms when each holds T new tokens (the pass-cost
   profile, runtime.profiling, measured on this machine and executor: ``PassCostTable``). In a mixed batch a
   sequence's share of the forward is ``c(kind, N, T_i) / N``; the step costs the sum of the shares. A spec
-  sequence alternates a draft and a verify pass of B tokens: its share per step is the mean of the two.
+  sequence alternates a draft and a verify pass of B tokens: its share per step is the mean of the two. A fused
+  spec sequence runs one forward of B x (1 + K) tokens per step (chain and K sub-blocks of B), costed as one
+  verify pass of that many tokens; a sequence entering it first drafts linearly (a draft pass of B, then a
+  fused forward judging those drafts), so entering is valued over that and the ``ENTRY_HORIZON`` fused steps
+  after it.
 - Tokens. An AR sequence emits 1 token per step. A spec sequence with per-draft acceptance probability a emits
   ``E(B) = 1 + a + ... + a^(B-1) = (1 - a^B) / (1 - a)`` tokens per draft/verify cycle (the expected accepted
   length of a geometric acceptance model: Leviathan et al., "Fast Inference from Transformers via Speculative
-  Decoding", 2023, eq. 1), i.e. ``E(B) / 2`` per step, at most what it still has to generate.
+  Decoding", 2023, eq. 1), i.e. ``E(B) / 2`` per step, at most what it still has to generate; fused spec
+  ``E(B)`` per step at the acceptance of its own drafts (estimated apart: drafted before their seed is known,
+  they are accepted less).
 - Objective. Maximise the batch's expected tokens per ms. For each block length B, switching a sequence from AR
   to spec adds the same cost and ``E(B) / 2 - 1`` tokens, so the best k to switch are the k largest gains; the
   best (B, k) wins (O(len(block_lengths) x batch log batch) arithmetic; optimal among assignments that share
   one B, which the tests check against brute force). Sequences in the middle of a cycle, and requests in other modes,
   enter as fixed tokens and costs.
 - Acceptance. Each ``auto`` sequence keeps an exponentially weighted count of draft positions accepted and
-  rejected at its verifies (``AcceptanceEstimate``), starting from a prior; while it decodes in AR the counts
+  rejected at its verifies (``AcceptanceEstimate``, one for linear and one for fused drafts), starting from a
+  prior; while it decodes in AR the counts
   decay back towards the prior, so a sequence that left speculation tries it again later.
 
 Correctness does not depend on any of this: the choice only picks among lossless modes (greedy spec equals
@@ -33,6 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+# fused spec's drafts are made before their seed is known: until its own verifies are seen, a sequence's fused
+# acceptance is assumed well below the linear prior (AcceptanceEstimate.prior), so it is not entered on hope
+FUSED_PRIOR = 0.35
+ENTRY_HORIZON = 4  # fused spec is entered for the steps that follow, not just the first (a linear draft's)
 COSTS_FILE = "pass_costs.{executor}.json"  # beside the checkpoint or engine directory: trimode profile --save
 
 
@@ -47,7 +58,8 @@ class CostLookup(Protocol):
 class PassCostTable:
     """Pass costs read back from a profile (``runtime.profiling.profile`` result or its JSON): ``cost_ms(kind,
     batch, num_tokens)`` interpolates the median ms log-linearly in T and in the batch between measured points
-    (clamped to the measured range). ``source``: where it came from (for logs)."""
+    (below the measured range: its lowest point; above it: in proportion, so an unmeasured long pass is never
+    taken for cheap). ``source``: where it came from (for logs)."""
 
     def __init__(self, points: dict[tuple[str, int, int], float], source: str = "profile") -> None:
         self.points, self.source = points, source
@@ -85,12 +97,13 @@ class PassCostTable:
 
 
 def _interpolate(values: dict[int, float], x: int) -> float:
-    """Piecewise linear in log x between the measured keys, clamped at both ends."""
+    """Piecewise linear in log x between the measured keys; below them the smallest, above them in proportion
+    to x (a pass or batch larger than any measured is assumed to cost as much more as it holds: never cheap)."""
     keys = sorted(values)
-    if x <= keys[0] or len(keys) == 1:
+    if x <= keys[0]:
         return values[keys[0]]
     if x >= keys[-1]:
-        return values[keys[-1]]
+        return values[keys[-1]] * x / keys[-1]
     hi = next(k for k in keys if k >= x)
     lo = keys[keys.index(hi) - 1]
     w = (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
@@ -156,47 +169,84 @@ def expected_tokens(acceptance: float, block_length: int) -> float:
 
 @dataclass
 class Candidate:
-    """One ``auto`` sequence at a step boundary: its acceptance estimate and the tokens it still has to make."""
+    """One ``auto`` sequence at a step boundary: its acceptance estimates (linear spec's drafts, fused spec's
+    sub-block drafts) and the tokens it still has to make."""
 
     acceptance: float
     remaining: int
+    fused_acceptance: float | None = None
+    in_fused: bool = False  # its drafts for the next step come from fused spec's sub-blocks already
+
+
+Choice = tuple[str, int]  # ("spec", B) or ("fused_spec", B)
 
 
 @dataclass
 class Decision:
-    """Per candidate (in the order given): None for AR, else the spec block length; and the model's expected
+    """Per candidate (in the order given): None for AR, else the mode and block length; and the model's expected
     tokens per ms of the whole batch for it."""
 
-    block_lengths: list[int | None]
+    choices: list[Choice | None]
     tokens_per_ms: float
+
+    @property
+    def block_lengths(self) -> list[int | None]:
+        """The block length of each choice (None: AR)."""
+        return [None if c is None else c[1] for c in self.choices]
 
 
 def decide(candidates: Sequence[Candidate], batch: int, costs: CostLookup, block_lengths: Sequence[int],
-           fixed_tokens: float = 0.0, fixed_ms: float = 0.0) -> Decision:
+           fixed_tokens: float = 0.0, fixed_ms: float = 0.0, fused_subblocks: int = 0) -> Decision:
     """The choice that maximises expected tokens per ms of a step (module docstring). ``batch``: sequences in the
     forward (the candidates and every other running sequence); ``fixed_tokens`` / ``fixed_ms``: the expected
-    tokens and cost share of the sequences that do not decide now. Raises ``ValueError`` for no block length."""
+    tokens and cost share of the sequences that do not decide now. ``fused_subblocks`` > 0 also weighs fused spec
+    with that many sub-blocks of B (one forward of B x (1 + K) tokens per step, ``E(B)`` tokens at the
+    candidate's ``fused_acceptance``). Raises ``ValueError`` for no block length."""
     if not block_lengths:
         raise ValueError("block_lengths must hold at least one block length")
     n = max(batch, 1)
     ar_ms = costs.cost_ms("decode", n, 1) / n
     best = Decision([None] * len(candidates), 0.0)
     best.tokens_per_ms = (fixed_tokens + len(candidates)) / max(fixed_ms + len(candidates) * ar_ms, 1e-12)
+    options: list[tuple[Choice, list[float], list[float]]] = []  # (choice, per candidate: added ms, gained tokens)
     for b in block_lengths:
+        # tokens per step a sequence gains over AR by taking the option, and the cost it adds
         spec_ms = (costs.cost_ms("draft", n, b) + costs.cost_ms("verify", n, b)) / (2 * n)
-        # the tokens per step a sequence gains by speculating with b; every one costs the same more, so the best
-        # k to switch are the k largest gains
-        gain = [min(expected_tokens(c.acceptance, b), max(c.remaining, 1)) / 2 - 1 for c in candidates]
-        order = sorted(range(len(candidates)), key=lambda i: -gain[i])
+        options.append((("spec", b), [spec_ms - ar_ms] * len(candidates),
+                        [min(expected_tokens(c.acceptance, b), max(c.remaining, 1)) / 2 - 1 for c in candidates]))
+        if fused_subblocks > 0:
+            fused_ms = costs.cost_ms("verify", n, b * (1 + fused_subblocks)) / n
+            draft_ms = costs.cost_ms("draft", n, b) / n
+            h = ENTRY_HORIZON  # entering: a linear draft, a fused forward judging it, then h fused steps
+            added, gained = [], []
+            for c in candidates:
+                fused_tokens = min(expected_tokens(c.fused_acceptance if c.fused_acceptance is not None
+                                                   else c.acceptance, b), max(c.remaining, 1))
+                if c.in_fused:
+                    added.append(fused_ms - ar_ms)
+                    gained.append(fused_tokens - 1)
+                else:
+                    linear_tokens = min(expected_tokens(c.acceptance, b), max(c.remaining, 1))
+                    added.append((draft_ms + (1 + h) * fused_ms) / (2 + h) - ar_ms)
+                    gained.append((linear_tokens + h * fused_tokens) / (2 + h) - 1)
+            options.append((("fused_spec", b), added, gained))
+    for choice, added_ms, gain in options:
+        # the best k to switch are the k largest gains (all add the same cost; else: the best gain per cost)
+        order = sorted(range(len(candidates)), key=lambda i: -gain[i] if len(set(added_ms)) == 1
+                       else -(gain[i] / max(added_ms[i], 1e-12) if added_ms[i] > 0 else gain[i] * 1e12))
         tokens, ms = fixed_tokens + len(candidates), fixed_ms + len(candidates) * ar_ms
+        rate = tokens / max(ms, 1e-12)
         for k, i in enumerate(order, start=1):
+            before = rate
             tokens += gain[i]
-            ms += spec_ms - ar_ms
+            ms += added_ms[i]
             rate = tokens / max(ms, 1e-12)
+            if added_ms[i] > 0 and rate <= before:
+                break  # ordered by gain per added cost: no later candidate can raise the rate either
             if rate > best.tokens_per_ms * (1 + 1e-9):
-                chosen: list[int | None] = [None] * len(candidates)
+                chosen: list[Choice | None] = [None] * len(candidates)
                 for j in order[:k]:
-                    chosen[j] = b
+                    chosen[j] = choice
                 best = Decision(chosen, rate)
     return best
 
@@ -217,11 +267,24 @@ class AutoScheduler:
     costs: CostLookup = field(default_factory=DefaultCosts)
     stats: AutoStats = field(default_factory=AutoStats)
     warned: bool = False
+    _memo: dict = field(default_factory=dict, repr=False)
 
     def decide(self, candidates: Sequence[Candidate], batch: int, block_lengths: Sequence[int],
-               fixed_tokens: float = 0.0, fixed_ms: float = 0.0) -> Decision:
+               fixed_tokens: float = 0.0, fixed_ms: float = 0.0, fused_subblocks: int = 0) -> Decision:
+        """``decide`` with this scheduler's costs, timed, and remembered: steps that look the same (batch, options,
+        acceptances to 0.02, remaining tokens up to the longest block) reuse the decision instead of recomputing
+        it, which is most steps of a batch that stays in AR."""
         start = time.perf_counter()
-        out = decide(candidates, batch, self.costs, block_lengths, fixed_tokens, fixed_ms)
+        longest = max(block_lengths)
+        key = (id(self.costs), batch, tuple(block_lengths), fused_subblocks, round(fixed_tokens, 1), round(fixed_ms, 3),
+               tuple((round(c.acceptance * 50), -1 if c.fused_acceptance is None else round(c.fused_acceptance * 50),
+                      c.in_fused, min(c.remaining, longest)) for c in candidates))
+        out = self._memo.get(key)
+        if out is None:
+            out = decide(candidates, batch, self.costs, block_lengths, fixed_tokens, fixed_ms, fused_subblocks)
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            self._memo[key] = out
         self.stats.decisions += 1
         self.stats.seconds += time.perf_counter() - start
         return out

@@ -46,10 +46,11 @@ def open_runtime(model: Path, executor: str, block_length: int, max_pages: int):
     return TriModeLM.from_engine(engine_dir, executor="onnxruntime")
 
 
-def measure_costs(lm, block_lengths: list[int], batches: list[int], repeats: int) -> dict:
+def measure_costs(lm, block_lengths: list[int], batches: list[int], repeats: int, fused_subblocks: int) -> dict:
     from trimode.runtime import profiling
 
-    tokens = sorted({1, *block_lengths})
+    # every pass auto may weigh: blocks for spec, a block with its sub-blocks (B x (1 + K)) for fused spec
+    tokens = sorted({1, *block_lengths, *(b * (1 + fused_subblocks) for b in block_lengths)})
     return profiling.profile(lm, "bench_concurrency", lm.settings.executor, tokens, batches,
                              ["decode", "draft", "verify"], context_len=64, repeats=repeats, host_modes=[])
 
@@ -157,9 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                      "executors": {}, "costs": {}}
     for executor in args.executors:
         lm = open_runtime(model, executor, args.block_length, max_pages=max(args.concurrency) * 16 + 64)
-        print(f"{executor}: measuring pass costs (T in {sorted({1, *lengths})}, batches {args.concurrency})",
-              file=sys.stderr)
-        costs = measure_costs(lm, lengths, args.concurrency, args.cost_repeats)
+        print(f"{executor}: measuring pass costs (batches {args.concurrency})", file=sys.stderr)
+        costs = measure_costs(lm, lengths, args.concurrency, args.cost_repeats, AutoConfig().fused_subblocks)
         lm.engine.scheduler.costs = PassCostTable.from_result(costs, f"{executor} measured")
         results["costs"][executor] = costs["ratios"]
         lm.ar_generate(prompts[:1], max_new_tokens=8)  # warm-up

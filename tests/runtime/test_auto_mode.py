@@ -70,6 +70,27 @@ def test_decision_equals_brute_force_on_random_tables(seed):
     assert d.tokens_per_ms == pytest.approx(brute_force(cands, len(cands) + fixed[0], costs, lengths, *fixed))
 
 
+@pytest.mark.parametrize("slope, fused_acceptance, want", [
+    (0.01, 0.9, ("fused_spec", 8)),  # a pass of 40 tokens costs little more than one of 8: one forward per step wins
+    (0.05, 0.9, ("spec", 8)),        # a 40-token pass costs too much: two forwards of 8 are cheaper
+    (0.01, 0.2, ("spec", 8)),        # fused drafts rarely accepted: linear spec
+])
+def test_decision_weighs_fused_spec(slope, fused_acceptance, want):
+    d = decide([Candidate(0.9, 100, fused_acceptance, in_fused=True)], 1, Costs(slope), [8], fused_subblocks=4)
+    assert d.choices == [want]
+
+
+def test_entering_fused_spec_is_costed_with_its_linear_first_step():
+    """A sequence not yet in fused spec drafts linearly first: entering is worth less than staying, and is chosen
+    only where the steps after it make up for that first step."""
+    steady = decide([Candidate(0.9, 100, 0.9, in_fused=True)], 1, Costs(0.01), [8], fused_subblocks=4)
+    enter = decide([Candidate(0.9, 100, 0.9, in_fused=False)], 1, Costs(0.01), [8], fused_subblocks=4)
+    assert steady.choices == enter.choices == [("fused_spec", 8)]
+    assert steady.tokens_per_ms > enter.tokens_per_ms
+    poor = decide([Candidate(0.9, 100, 0.55, in_fused=False)], 1, Costs(0.01), [8], fused_subblocks=4)
+    assert poor.choices == [("spec", 8)]  # fused drafts accepted much less: not worth entering
+
+
 def test_short_remainders_do_not_speculate():
     assert decide([Candidate(1.0, 1)], 1, Costs(0.05), [8]).block_lengths == [None]
 
@@ -101,6 +122,8 @@ def test_pass_cost_table_drives_the_model(tmp_path):
 def test_auto_config():
     assert mode_config("auto", 16) == AutoConfig((4, 8, 16))
     assert mode_config("auto", 12, use_lora=False) == AutoConfig((4, 8, 12), False)
+    with pytest.raises(RequestError, match="fused_subblocks"):
+        AutoConfig((4,), fused_subblocks=-1)
     assert mode_config("auto", 32, 2).block_lengths == (2,)
     with pytest.raises(RequestError, match="block_length >= 2"):
         mode_config("auto", 32, 1)
@@ -111,25 +134,26 @@ def test_auto_config():
 FLAT = Costs(0.0)  # block passes free: auto speculates wherever the prior acceptance says it pays
 
 
-@pytest.mark.parametrize("costs", [FLAT, Costs(1.0)], ids=["flat", "linear"])
-def test_greedy_auto_equals_ar_and_counters_add_up(ckpt, costs):
+@pytest.mark.parametrize("costs, fused", [(FLAT, 4), (FLAT, 0), (Costs(1.0), 4)], ids=["flat", "flat-no-fused", "linear"])
+def test_greedy_auto_equals_ar_and_counters_add_up(ckpt, costs, fused):
     lm = make_lm(ckpt)
     lm.engine.scheduler.costs = costs
     prompts = random_prompts([3, 9, 5, 14])
     ar = lm.ar_generate(prompts, max_new_tokens=21)
-    auto = lm.run([lm.request(p, 21, mode_config("auto", 8)) for p in prompts])
+    auto = lm.run([lm.request(p, 21, AutoConfig((4, 8), fused_subblocks=fused)) for p in prompts])
     for a, b in zip(auto, ar):
         assert a.token_ids == b.token_ids and a.error is None
         choices = a.auto_choices
-        spec_cycles = sum(v for k, v in choices.items() if k.startswith("spec:"))
-        # every choice runs its passes, except a last one whose seed token already ends the request
+        spec_cycles = sum(v for k, v in choices.items() if k != "ar")  # linear cycles and fused steps
+        # every choice runs its passes (one verify per spec cycle or fused step), except a last one whose seed
+        # token already ends the request
         assert 0 <= choices.get("ar", 0) - a.forwards["decode"] <= 1
         assert 0 <= spec_cycles - a.forwards["verify"] <= 1 and a.forwards["draft"] <= a.forwards["verify"]
         assert choices.get("ar", 0) - a.forwards["decode"] + spec_cycles - a.forwards["verify"] <= 1
-        assert set(choices) <= {"ar", "spec:4", "spec:8"}
+        assert set(choices) <= {"ar", "spec:4", "spec:8", "fused_spec:4", "fused_spec:8"}
         assert a.counters()["auto_choices"] == choices
-        if costs is FLAT:
-            assert spec_cycles > 0
+        if costs is FLAT:  # free block passes: it speculates (one forward per fused step wins where it may)
+            assert spec_cycles > 0 and any(k.startswith("fused_spec:" if fused else "spec:") for k in choices)
         else:
             assert spec_cycles == 0
     assert lm.cache.stats().num_free_pages == lm.cache.num_pages
@@ -147,7 +171,7 @@ def test_auto_mixes_with_other_modes_and_switches(ckpt):
     out = lm.run(reqs + [lm.request(prompts[0], 24, DiffusionConfig(8))])
     for i in range(4):
         assert out[i].token_ids == ar[i].token_ids, f"request {i}"
-    assert "spec:4" in out[2].auto_choices and out[2].forwards["decode"] >= 5 + 9
+    assert {"spec:4", "fused_spec:4"} & set(out[2].auto_choices) and out[2].forwards["decode"] >= 5 + 9
     assert out[3].auto_choices and sum(out[3].auto_choices.values()) <= 9 + 1
 
 

@@ -59,7 +59,10 @@ def test_profile_of_a_checkpoint(ckpt, tmp_path, capsys):
     assert table.cost_ms("verify", 3, 8) == measured["median_ms"]
     between = (table.cost_ms("verify", 1, 8), table.cost_ms("verify", 3, 8))
     assert min(between) <= table.cost_ms("verify", 2, 8) <= max(between)
-    assert table.cost_ms("draft", 16, 1000) == table.cost_ms("draft", 3, 128)  # clamped to what was measured
+    top = max(t for k, b, t in table.points if k == "draft")
+    # beyond what was measured, in proportion to tokens and batch (never cheaper than measured)
+    assert table.cost_ms("draft", 6, 4 * top) == pytest.approx(table.cost_ms("draft", 3, top) * 2 * 4)
+    assert table.cost_ms("draft", 1, 1) == table.cost_ms("draft", 1, min(TOKENS))  # below: the smallest
     assert table.ratio("verify", 3, 8) == pytest.approx(result["ratios"]["3"]["verify"]["8"])
     with pytest.raises(ValueError, match="no 'prefill' passes"):
         table.cost_ms("prefill", 1, 1)

@@ -71,11 +71,15 @@ def load_lm(args: argparse.Namespace):
     if args.engine is None:
         return TriModeLM.from_pretrained(args.model, settings=runtime_settings)
     executor = args.executor
-    if executor in ("auto", "tensorrt") and tensorrt_runnable(args.engine, need_loader_path=False)[0]:
+    runnable, why = tensorrt_runnable(args.engine, need_loader_path=False) if executor in ("auto", "tensorrt") \
+        else (False, "")
+    if runnable:
         tensorrt_libs.reexec_with_loader_path()  # TensorRT-RTX plugin engines need libtensorrt_rtx.so
         executor = "tensorrt"
     elif executor == "auto":
         executor = "onnxruntime"
+        print(f"trimode: --executor auto: onnxruntime (the reference graphs), since the TensorRT plans cannot run "
+              f"here: {why}", file=sys.stderr)
     return TriModeLM.from_engine(args.engine, executor=executor, settings=runtime_settings)
 
 

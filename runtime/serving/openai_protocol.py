@@ -11,7 +11,8 @@ the checkpoint's chat template), ``max_tokens`` / ``max_completion_tokens``, ``t
 ``response_format``, penalties other than 0, ...) are refused with a 400 naming them unless they hold their neutral
 value; unknown fields are refused too. trimode's own fields (the OpenAI client sends them with ``extra_body``):
 ``mode`` (a ``runtime.request.Mode``: ar, diffusion, spec, ...), ``block_length``, ``threshold``, ``policy``,
-``max_steps``, ``use_lora``, ``top_k``, ``ignore_eos`` (as vLLM's), ``max_thinking_tokens``,
+``max_steps``, ``use_lora``, ``num_subblocks`` and ``subblock_length`` (fused_spec), ``top_k``, ``ignore_eos`` (as
+vLLM's), ``max_thinking_tokens``,
 ``end_think_token_id``. ``usage`` carries, besides the token counts, ``trimode``: the mode and the request's
 counters (forwards by kind, tokens per forward, accepted lengths, queue time, time to first token).
 
@@ -95,8 +96,8 @@ def validation_error(errors: list[dict]) -> APIError:
     return APIError(400, f"{param}: {err['msg']}, got {err.get('input')!r}"[:500], param)
 
 
-_REQUEST_FIELDS = ("mode", "block_length", "threshold", "policy", "max_steps", "temperature", "top_k", "top_p",
-                   "seed", "max_thinking_tokens", "end_think_token_id", "max_tokens")
+_REQUEST_FIELDS = ("mode", "block_length", "threshold", "policy", "max_steps", "num_subblocks", "subblock_length",
+                   "temperature", "top_k", "top_p", "seed", "max_thinking_tokens", "end_think_token_id", "max_tokens")
 
 
 def field_error(message: str, prompt_field: str, max_tokens_field: str) -> APIError:
@@ -104,8 +105,8 @@ def field_error(message: str, prompt_field: str, max_tokens_field: str) -> APIEr
     as a 400 naming the body field its message is about (else ``prompt_field``); ``max_new_tokens`` is reported
     as ``max_tokens_field``."""
     fields = _REQUEST_FIELDS + (prompt_field,)
-    param = next((f for f in fields if message.startswith(f) or f" {f} " in message or f"{f}=" in message),
-                 prompt_field)
+    param = next((f for f in fields if message.startswith(f)), None) or \
+        next((f for f in fields if f" {f} " in message or f"{f}=" in message), prompt_field)
     if "max_new_tokens" in message:
         param = max_tokens_field
     return APIError(400, message if param in message else f"{param}: {message}", param)
@@ -142,6 +143,8 @@ class GenerationBody(_Body):
     policy: Literal[POLICIES] | None = None  # type: ignore[valid-type]
     max_steps: int | None = Field(None, ge=1)
     use_lora: bool | None = None
+    num_subblocks: int | None = Field(None, ge=1)     # fused_spec
+    subblock_length: int | None = Field(None, ge=1)   # fused_spec
     top_k: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     max_thinking_tokens: int | None = Field(None, ge=0)

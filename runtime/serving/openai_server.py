@@ -154,7 +154,8 @@ class _Server:
         try:
             mode = mode_config(body.mode or self.default_mode, self.lm.default_block_length, body.block_length,
                                body.threshold, body.policy or "threshold", body.max_steps,
-                               use_lora=True if body.use_lora is None else body.use_lora)
+                               use_lora=True if body.use_lora is None else body.use_lora,
+                               num_subblocks=body.num_subblocks, subblock_length=body.subblock_length)
             thinking = {k: getattr(body, k) for k in ("max_thinking_tokens", "end_think_token_id")
                         if getattr(body, k) is not None}
             request = self.lm.request(prompt, max_tokens or 1, mode, temperature=body.temperature or 0.0,

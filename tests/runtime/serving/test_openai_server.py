@@ -101,9 +101,9 @@ def test_models_health_and_stats(server, client):
     assert st["model"] == NAME and st["pages_free"] == st["num_pages"] > 0
 
 
-@pytest.mark.parametrize("mode", MODES + ("auto",))
+@pytest.mark.parametrize("mode", MODES + ("fused_spec", "auto"))
 def test_completions_match_the_python_api(client, lm, mode):
-    prompt = PROMPTS[(MODES + ("auto",)).index(mode)]
+    prompt = PROMPTS[(MODES + ("fused_spec", "auto")).index(mode)]
     ref = reference(lm, [prompt], [24], [mode])[0]
     out = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0, extra_body={"mode": mode})
     choice = out.choices[0]
@@ -198,6 +198,7 @@ BAD = [  # (path, body (a dict, or raw text), the field the error must name)
     ("/v1/completions", {"model": NAME, "prompt": [5, 99999]}, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "stop": [""]}, "stop"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "block_length": 0}, "block_length"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "mode": "fused_spec", "num_subblocks": 99}, "num_subblocks"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "mode": "spec", "threshold": 0.5, "temperature": 1},
      "threshold"),
     ("/v1/chat/completions", {"model": NAME, "messages": []}, "messages"),

@@ -21,7 +21,8 @@ import numpy as np
 DTYPES = {"text_input": "BYTES", "input_ids": "INT32", "max_tokens": "INT32", "mode": "BYTES",
           "block_length": "INT32", "threshold": "FP32", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32",
           "seed": "INT64", "stop": "BYTES", "stream": "BOOL", "use_lora": "BOOL", "command": "BYTES",
-          "messages": "BYTES", "max_thinking_tokens": "INT32", "end_think_token_id": "INT32"}
+          "messages": "BYTES", "max_thinking_tokens": "INT32", "end_think_token_id": "INT32",
+          "num_subblocks": "INT32", "subblock_length": "INT32"}
 _NP = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_,
        "FP64": np.float64, "INT8": np.int8, "UINT64": np.uint64}
 OUTPUTS = ("text_output", "output_ids", "finish_reason", "counters")

@@ -32,7 +32,8 @@ _INPUTS = [  # name, data type, dims
     ("seed", "TYPE_INT64", [1]), ("stop", "TYPE_STRING", [-1]), ("stream", "TYPE_BOOL", [1]),
     ("use_lora", "TYPE_BOOL", [1]), ("command", "TYPE_STRING", [1]),
     ("messages", "TYPE_STRING", [1]), ("max_thinking_tokens", "TYPE_INT32", [1]),
-    ("end_think_token_id", "TYPE_INT32", [1]),
+    ("end_think_token_id", "TYPE_INT32", [1]), ("num_subblocks", "TYPE_INT32", [1]),
+    ("subblock_length", "TYPE_INT32", [1]),
 ]
 _OUTPUTS = [("text_output", "TYPE_STRING", [1]), ("output_ids", "TYPE_INT32", [-1]),
             ("finish_reason", "TYPE_STRING", [1]), ("counters", "TYPE_STRING", [1])]

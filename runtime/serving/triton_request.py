@@ -14,6 +14,8 @@ Inputs (all optional in ``config.pbtxt``; checked here so that every error names
 | block_length | INT32 [1] | checkpoint block_size | diffusion / spec block length, 1 .. max_block_length |
 | threshold | FP32 [1] | diffusion 0.9, spec 0.0 | confidence threshold, in [0, 1] |
 | use_lora | BOOL [1] | true | spec: draft with the LoRA drafter (false: the base model drafts) |
+| num_subblocks | INT32 [1] | 4 | fused_spec: sub-blocks drafted per step (1 .. block_length) |
+| subblock_length | INT32 [1] | block_length / 2 | fused_spec: tokens per sub-block (1 .. block_length) |
 | temperature | FP32 [1] | 0 | 0 = greedy |
 | top_p | FP32 [1] | 1 | nucleus filter |
 | top_k | INT32 [1] | 0 | 0 = off |
@@ -55,7 +57,7 @@ MODES = tuple(m.value for m in Mode)
 COMMANDS = ("stats", "drain")
 INPUTS = ("text_input", "input_ids", "messages", "max_tokens", "mode", "block_length", "threshold", "temperature",
           "top_p", "top_k", "seed", "stop", "stream", "use_lora", "max_thinking_tokens", "end_think_token_id",
-          "command")
+          "num_subblocks", "subblock_length", "command")
 
 # parameter name -> (default, parser); the repository generator writes the same names. The runtime settings'
 # entries (dtype, executor, num_pages, page_size, max_concurrent_requests, threads) are
@@ -295,7 +297,9 @@ def parse_request(inputs: dict, lm, params: dict, limits: RequestLimits | None =
         raise RequestError(f"threshold must be in [0, 1], got {threshold!r}")
     # block None: the API's default (engine directory's, else the checkpoint's); threshold None: diffusion 0.9, spec 0
     mode_cfg = mode_config(mode, min(lm.default_block_length, limits.max_block_length), block, threshold,
-                           use_lora=True if use_lora is None else use_lora)
+                           use_lora=True if use_lora is None else use_lora,
+                           num_subblocks=_scalar(inputs, "num_subblocks", "int"),
+                           subblock_length=_scalar(inputs, "subblock_length", "int"))
 
     temperature = _scalar(inputs, "temperature", "float")
     top_p = _scalar(inputs, "top_p", "float")

@@ -379,6 +379,9 @@ def test_thinking_budget_and_messages_inputs(server, lm):
     with client(server) as c:
         r = c.generate(input_ids=list(ids), max_tokens=10, mode="spec", max_thinking_tokens=4, end_think_token_id=9)
         assert r.error is None and r.token_ids == ref.token_ids
+        fused = c.generate(input_ids=list(ids), max_tokens=10, mode="fused_spec", num_subblocks=2, subblock_length=2,
+                           max_thinking_tokens=4, end_think_token_id=9)
+        assert fused.error is None and fused.token_ids == ref.token_ids and fused.counters["forwards"]["verify"] > 0
         bad = c.generate(messages=[{"role": "user", "content": "w5"}], max_tokens=4)
         assert bad.error is not None and "chat template" in bad.error
         assert c.generate(input_ids=list(ids), max_tokens=3).error is None  # still serving

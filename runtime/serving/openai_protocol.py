@@ -10,7 +10,7 @@ the checkpoint's chat template), ``max_tokens`` / ``max_completion_tokens``, ``t
 ``stream_options.include_usage``. Standard fields this server does not implement (``logprobs``, ``tools``,
 ``response_format``, penalties other than 0, ...) are refused with a 400 naming them unless they hold their neutral
 value; unknown fields are refused too. trimode's own fields (the OpenAI client sends them with ``extra_body``):
-``mode`` (a ``runtime.request.Mode``: ar, diffusion, spec, ...), ``block_length``, ``threshold``, ``policy``,
+``mode`` (a ``runtime.request.Mode``: ar, diffusion, spec, fused_spec, auto), ``block_length``, ``threshold``, ``policy``,
 ``max_steps``, ``use_lora``, ``num_subblocks`` and ``subblock_length`` (fused_spec), ``top_k``, ``ignore_eos`` (as
 vLLM's), ``max_thinking_tokens``,
 ``end_think_token_id``. ``usage`` carries, besides the token counts, ``trimode``: the mode and the request's

@@ -10,7 +10,7 @@ Inputs (all optional in ``config.pbtxt``; checked here so that every error names
 | input_ids | INT32 [-1] | – | the prompt as token ids, at most max_prompt_tokens of them |
 | messages | STRING [1] | – | the prompt as a conversation: a JSON list of {"role", "content"} messages, rendered with the checkpoint's chat template (at most max_prompt_bytes UTF-8 bytes) |
 | max_tokens | INT32 [1] | parameter default_max_tokens | new tokens to generate, 1 .. max_tokens_limit |
-| mode | STRING [1] | parameter default_mode | ar, diffusion or spec |
+| mode | STRING [1] | parameter default_mode | ar, diffusion, spec, fused_spec or auto |
 | block_length | INT32 [1] | checkpoint block_size | diffusion / spec block length, 1 .. max_block_length |
 | threshold | FP32 [1] | diffusion 0.9, spec 0.0 | confidence threshold, in [0, 1] |
 | use_lora | BOOL [1] | true | spec: draft with the LoRA drafter (false: the base model drafts) |

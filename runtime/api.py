@@ -155,6 +155,12 @@ class TriModeLM:
             return tuple(self.tokenizer.encode(prompt, add_special_tokens=True))  # BOS as the tokenizer adds it
         if _is_conversation(prompt):
             return self.apply_chat_template(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, int) or (hasattr(t, "__index__") and not isinstance(t, (bool, float)))
+                for t in prompt):
+            raise RequestError(f"a prompt is text, a list of token ids, or a conversation (a list of message "
+                               f"dicts); got {type(prompt).__name__}"
+                               + (" mixing other items" if isinstance(prompt, (list, tuple)) else ""))
         ids = tuple(int(t) for t in prompt)
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
@@ -174,6 +180,8 @@ class TriModeLM:
         Raises ``RequestError`` / ``SamplingError`` / ``StopStringError`` / ``ChatTemplateError`` (all
         ``ValueError``) naming the bad argument."""
         eos = self.config.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
+        if not isinstance(stop, (str, list, tuple)):
+            raise RequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         stop = check_stop_strings([stop] if isinstance(stop, str) else stop)
         if stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer (they are matched on the decoded text)")
@@ -201,12 +209,14 @@ class TriModeLM:
             if out is None:
                 return on_tokens
 
-            def route(request_id: int, ids: list[int]) -> bool:
+            def route(request_id: int, ids: list[int]) -> bool | int:
                 before = len(out.ids)
                 keep_going = out.push(ids)
-                if on_tokens is not None and len(out.ids) > before:
-                    on_tokens(request_id, out.ids[before:])
-                return keep_going
+                kept = len(out.ids) - before
+                verdict = on_tokens(request_id, out.ids[before:]) if on_tokens is not None and kept else None
+                if not keep_going:
+                    return kept  # the stop string ended the output at the kept tokens
+                return verdict  # the caller's own verdict (False / k: stop)
             return route
 
         results = self.engine.run(requests, [callback(out) for out in outputs])
@@ -226,6 +236,10 @@ class TriModeLM:
         if messages is not None:
             if prompts is not None:
                 raise RequestError("pass prompts or messages, not both")
+            if not (isinstance(messages, (list, tuple)) and messages and
+                    (_is_conversation(messages) or all(_is_conversation(m) for m in messages))):
+                raise RequestError("messages must be a conversation (a list of {'role', 'content'} dicts) or a list "
+                                   "of conversations")
             prompts = messages
         if prompts is None:
             raise RequestError("no prompt: pass prompts (text, token ids) or messages (a conversation)")
@@ -250,7 +264,7 @@ class TriModeLM:
                  **kw) -> list[GenerationResult]:
         """Block diffusion: denoise blocks of ``block_length`` (default: ``default_block_length``).
         ``threshold`` (policy 'threshold' only) defaults to 0.9, the model card's setting."""
-        mode = mode_config(Mode.DIFFUSION, self.default_block_length, block_length or None, threshold, policy, max_steps,
+        mode = mode_config(Mode.DIFFUSION, self.default_block_length, block_length, threshold, policy, max_steps,
                            causal_context=causal_context)
         return self._batch(prompts, mode, max_new_tokens, **kw)
 
@@ -260,12 +274,12 @@ class TriModeLM:
         """Fused self-speculation (``FusedSpecConfig``: one forward verifies the drafts and drafts the next block in
         ``num_subblocks`` sub-blocks of ``subblock_length``; defaults 4 and ``block_length // 2``); lossless
         w.r.t. ar_generate like linear spec."""
-        mode = mode_config(Mode.FUSED_SPEC, self.default_block_length, block_length or None, use_lora=use_lora,
+        mode = mode_config(Mode.FUSED_SPEC, self.default_block_length, block_length, use_lora=use_lora,
                            num_subblocks=num_subblocks, subblock_length=subblock_length)
         return self._batch(prompts, mode, max_new_tokens, **kw)
 
     def linear_spec_generate(self, prompts=None, max_new_tokens: int = 128, block_length: int | None = None,
                              threshold: float = 0.0, use_lora: bool = True, **kw) -> list[GenerationResult]:
         """Linear self-speculation: diffusion drafts verified by causal passes; lossless w.r.t. ar_generate."""
-        mode = mode_config(Mode.SPEC, self.default_block_length, block_length or None, threshold, use_lora=use_lora)
+        mode = mode_config(Mode.SPEC, self.default_block_length, block_length, threshold, use_lora=use_lora)
         return self._batch(prompts, mode, max_new_tokens, **kw)

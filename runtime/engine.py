@@ -34,7 +34,8 @@ from trimode.runtime.modes import make_policies
 from trimode.runtime.passes import PassKind, SeqPass
 from trimode.runtime.request import (ARConfig, AutoConfig, FusedSpecConfig, GenerationRequest, GenerationResult, Mode,
                                      RequestError, SequenceState, SpecConfig, TokenCallback)
-from trimode.runtime.scheduling import FUSED_PRIOR, AcceptanceEstimate, AutoScheduler, Candidate, DefaultCosts
+from trimode.runtime.scheduling import (FUSED_PRIOR, AcceptanceEstimate, AutoScheduler, Candidate, CostTableError,
+                                        DefaultCosts)
 from trimode.runtime.settings import DEFAULTS
 
 # the passes each mode runs, and how many tokens each holds (b: the mode's block length)
@@ -44,7 +45,7 @@ _MODE_PASSES = {Mode.AR: ((PassKind.DECODE, lambda b: 1),),
                 Mode.AUTO: ((PassKind.DECODE, lambda b: 1), (PassKind.DRAFT, lambda b: b),
                             (PassKind.VERIFY, lambda b: b))}
 _NEEDS = {Mode.AUTO: ("ar", "spec"), Mode.FUSED_SPEC: ("spec",)}  # the built modes a mode runs as
-_log = logging.getLogger("trimode")  # the built modes a mode runs as
+_log = logging.getLogger("trimode")
 
 
 class Engine:
@@ -110,11 +111,11 @@ class Engine:
                     raise RequestError(f"mode {cfg.mode.value!r} is not available: the engines of {lim.source} were "
                                        f"built for modes {list(lim.modes)} (build_engine.py --modes)")
             block = getattr(cfg, "block_length", 1)
-            if cfg.mode is Mode.AUTO and cfg.fused_subblocks:  # it may choose fused spec's sub-blocks too
-                passes.append((PassKind.DRAFT, cfg.fused_subblocks * block,
-                               f"auto's fused spec sub-blocks ({cfg.fused_subblocks} x {block} tokens; "
-                               f"fused_subblocks=0 leaves fused spec out)"))
             if cfg.mode is Mode.FUSED_SPEC:  # a fused step: the chain (verify) and the sub-blocks (draft)
+                if cfg.num_subblocks > lim.max_batch:
+                    raise RequestError(f"fused_spec's {cfg.num_subblocks} sub-blocks are {cfg.num_subblocks} draft "
+                                       f"passes per step, more than the max_batch of {lim.max_batch} the engines of "
+                                       f"{lim.source} were built for (num_subblocks)")
                 chain, subs = cfg.max_pass_tokens
                 passes += [(PassKind.VERIFY, chain, f"a fused_spec chain of {chain}"),
                            (PassKind.DRAFT, max(subs, block), f"fused_spec's sub-blocks ({cfg.num_subblocks} x "
@@ -196,6 +197,15 @@ class Engine:
             _log.warning("trimode: mode auto: no pass costs measured for this machine and executor; using the "
                          "built-in conservative model. Measure them: trimode profile --model DIR --save "
                          "(or --engine DIR)")
+        try:
+            self._decide_auto_with(deciding)
+        except CostTableError as e:  # a table without a kind looked up: decide with the default model instead
+            _log.warning("trimode: mode auto: %s; using the built-in cost model", e)
+            sched.costs = DefaultCosts()
+            self._decide_auto_with(deciding)
+
+    def _decide_auto_with(self, deciding: list[SequenceState]) -> None:
+        sched = self.scheduler
         n = len(self.running)
         fixed_tokens = fixed_ms = 0.0
         deciding_ids = {s.seq_id for s in deciding}
@@ -203,17 +213,18 @@ class Engine:
             if seq.seq_id in deciding_ids or seq.is_finished:
                 continue
             block = getattr(seq.mode, "block_length", 1) if seq.is_prefilled else 1
-            kind = {Mode.AR: "decode", Mode.DIFFUSION: "denoise"}.get(seq.mode.mode, "verify")
+            kind = {Mode.AR: "decode", Mode.DIFFUSION: "draft"}.get(seq.mode.mode, "verify")  # denoise ~ draft
             fixed_tokens += 1.0
             fixed_ms += sched.costs.cost_ms(kind, n, 1 if kind == "decode" else block) / n
         lengths = sorted({b for s in deciding for b in s.auto.block_lengths})
-        fused = max(s.auto.fused_subblocks for s in deciding)
+        fused = self._auto_fused_subblocks(max(s.auto.fused_subblocks for s in deciding), max(lengths))
         decision = sched.decide([Candidate(s.acceptance.value, s.num_remaining, s.fused_acceptance.value,
                                            s.carry is not None and s.mode.mode is Mode.FUSED_SPEC)
                                  for s in deciding], n, lengths, fixed_tokens, fixed_ms, fused)
         for seq, choice in zip(deciding, decision.choices):
             if choice is not None and choice[0] == "fused_spec" and not seq.auto.fused_subblocks:
                 choice = ("spec", choice[1])  # another request's option: the nearest of its own
+            k = min(seq.auto.fused_subblocks, fused)
             if choice is not None and choice[1] not in seq.auto.block_lengths:
                 choice = (choice[0], min(seq.auto.block_lengths, key=lambda b: (abs(b - choice[1]), b)))
             if choice is None:
@@ -226,10 +237,18 @@ class Engine:
                 if mode == "spec":
                     seq.mode = SpecConfig(block, 0.0, seq.auto.use_lora)
                 else:  # the same config while it stays fused: its drafts carry over to the next step
-                    seq.mode = FusedSpecConfig(block, min(seq.auto.fused_subblocks, block), block,
-                                               seq.auto.use_lora)
+                    seq.mode = FusedSpecConfig(block, min(k, block), block, seq.auto.use_lora)
                 key = f"{mode}:{block}"
             seq.auto_choices[key] = seq.auto_choices.get(key, 0) + 1
+
+    def _auto_fused_subblocks(self, wanted: int, longest: int) -> int:
+        """How many sub-blocks auto's fused spec option may have here: ``wanted``, fewer where an engine
+        directory's limits hold fewer draft passes (max_batch) or tokens per forward; 0: no fused option."""
+        if self.limits is None or not wanted:
+            return wanted
+        most = self.limits.max_tokens.get(PASS_TO_KIND[PassKind.DRAFT])
+        k = min(wanted, self.limits.max_batch, wanted if most is None else most // longest)
+        return max(k, 0)
 
     def _plan(self, seq: SequenceState) -> SeqPass | list[SeqPass] | None:
         if not seq.is_prefilled:
@@ -242,15 +261,21 @@ class Engine:
         seq.error = message or f"{type(error).__name__}: {error}"
 
     def _fits(self, passes: list[SeqPass], used: dict[str, int]) -> bool:
-        """Whether ``passes`` (one sequence's, run together) fit what is left of their engine kinds'
-        tokens-per-forward budgets this step."""
+        """Whether ``passes`` (one sequence's, run together) fit what is left of their engine kinds' budgets this
+        step: tokens per forward, and passes per forward (an engine runs at most ``max_batch`` sequences: a fused
+        spec step's sub-blocks are one each). ``used`` holds tokens by kind and passes by ("passes", kind)."""
         if self.limits is None:
             return True
-        need: dict[str, int] = {}
+        need: dict = {}
         for p in passes:
-            need[PASS_TO_KIND[p.kind]] = need.get(PASS_TO_KIND[p.kind], 0) + p.num_tokens
-        return all(self.limits.max_tokens.get(kind) is None or used.get(kind, 0) + n <= self.limits.max_tokens[kind]
-                   for kind, n in need.items())
+            kind = PASS_TO_KIND[p.kind]
+            need[kind] = need.get(kind, 0) + p.num_tokens
+            need[("passes", kind)] = need.get(("passes", kind), 0) + 1
+        for key, n in need.items():
+            most = self.limits.max_batch if isinstance(key, tuple) else self.limits.max_tokens.get(key)
+            if most is not None and used.get(key, 0) + n > most:
+                return False
+        return True
 
     def step(self) -> list[int]:
         """Run one forward over every running sequence. Returns the ids of requests that finished."""
@@ -286,7 +311,9 @@ class Engine:
                     stuck.append((seq, e))
                     continue
             for q in passes:
-                used[PASS_TO_KIND[q.kind]] = used.get(PASS_TO_KIND[q.kind], 0) + q.num_tokens
+                kind = PASS_TO_KIND[q.kind]
+                used[kind] = used.get(kind, 0) + q.num_tokens
+                used[("passes", kind)] = used.get(("passes", kind), 0) + 1
             planned.append((seq, passes))
         if not planned and stuck:  # nobody can progress: fail the newest stuck sequence, the rest retry
             seq, err = stuck[-1]

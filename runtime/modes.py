@@ -268,6 +268,7 @@ class FusedSpecPolicy(SpecPolicy):
     def consume_group(self, seq: SequenceState, passes: list[SeqPass], logits: list[torch.Tensor]) -> None:
         """The chain's verify logits (``passes[0]``) and each sub-block's logits [B'_i, V]."""
         had_subblocks = len(passes) - 1
+        cut = had_subblocks < min(seq.mode.num_subblocks, passes[0].num_tokens)  # the request's end cut some
         self._consume_verify(seq, passes[0], logits[0])  # emits, sets truncate_to, pending = the bonus token
         accepted = seq.accepted_lengths[-1]
         if seq.is_finished:
@@ -279,7 +280,7 @@ class FusedSpecPolicy(SpecPolicy):
             probs = [None] * len(tokens) if sampling.is_greedy else \
                 list(target_probs(sub[1:], sampling, self.mask_token_id))
             seq.carry = FusedDrafts(seq.pending, [int(t) for t in tokens], probs)
-        else:
+        elif not cut:
             seq.fused_fallbacks += 1  # more accepted than drafted ahead: the next step drafts linearly
 
 

@@ -129,22 +129,24 @@ FUSED_SUBBLOCKS = 4
 class FusedSpecConfig:
     """Fused self-speculation (the NLD paper's quadratic self-speculation): one forward per step verifies the
     draft chain [seed, d_1 .. d_(n-1)] (causal, K/V kept: its logits verify the drafts as a verify pass does)
-    and drafts the next block in ``num_subblocks`` sub-blocks of ``subblock_length`` masks (default:
-    ``block_length``), sub-block i placed after chain token i and seeing the prefix up to it (LoRA on, nothing
-    kept): after c tokens are accepted, sub-block c-1 holds the next drafts, with no draft pass of its own
-    (defaults: 4 sub-blocks of ``block_length // 2``). When
+    and drafts the next block in ``num_subblocks`` (K) sub-blocks of ``subblock_length`` (B') masks, sub-block i
+    placed after chain token i and seeing the prefix up to it (LoRA on, nothing kept): after c tokens are
+    accepted, sub-block c-1 holds the next drafts, with no draft pass of its own (defaults: K = 4 sub-blocks of
+    B' = ``block_length // 2``; the first chain has ``block_length`` tokens, later ones B'). When
     more tokens are accepted than there are sub-blocks, or at the start, one linear draft pass drafts instead
     (a fallback). Threshold 0 (every mask filled at once), so sampled output is exact by rejection sampling.
     Attention: docs/kernels.md, "Fused self-speculation pass"."""
 
     block_length: int = 32
     num_subblocks: int | None = None      # None: min(FUSED_SUBBLOCKS, block_length)
-    subblock_length: int | None = None    # None: block_length // 2 (at least 1)
+    subblock_length: int | None = None    # None: block_length // 2 (at least 2)
     use_lora: bool = True
     mode = Mode.FUSED_SPEC
 
     def __post_init__(self) -> None:
         _check_block_length(self.block_length)
+        if self.block_length < 2:
+            raise RequestError("fused_spec needs block_length >= 2 (a chain of the seed and at least one draft)")
         if self.num_subblocks is None:
             object.__setattr__(self, "num_subblocks", min(FUSED_SUBBLOCKS, self.block_length))
         if not isinstance(self.num_subblocks, int) or isinstance(self.num_subblocks, bool) \
@@ -153,14 +155,15 @@ class FusedSpecConfig:
                                f"got {self.num_subblocks!r}")
         if self.subblock_length is not None and (
                 not isinstance(self.subblock_length, int) or isinstance(self.subblock_length, bool)
-                or not 1 <= self.subblock_length <= self.block_length):
-            raise RequestError(f"subblock_length must be an integer in 1 .. block_length ({self.block_length}), "
-                               f"got {self.subblock_length!r}")
+                or not 2 <= self.subblock_length <= self.block_length):
+            raise RequestError(f"subblock_length must be an integer in 2 .. block_length ({self.block_length}): "
+                               f"a sub-block holds the bonus token's slot and at least one draft, got "
+                               f"{self.subblock_length!r}")
 
     @property
     def next_block_length(self) -> int:
         """B': the sub-blocks' length, hence every later chain's (seed + B' - 1 drafts)."""
-        return self.subblock_length or max(1, self.block_length // 2)
+        return self.subblock_length or max(2, self.block_length // 2)
 
     @property
     def max_pass_tokens(self) -> tuple[int, int]:
@@ -279,7 +282,8 @@ class GenerationResult:
                 **({"fused_fallbacks": self.fused_fallbacks} if self.fused_fallbacks else {})}
 
 
-TokenCallback = Callable[[int, list[int]], "bool | None"]   # (request_id, new token ids) -> False: stop here
+# (request_id, new token ids) -> None / True: go on; False: stop after these; int k: stop, keeping the first k
+TokenCallback = Callable[[int, list[int]], "bool | int | None"]
 
 
 @dataclass
@@ -341,8 +345,9 @@ class SequenceState:
 
     def emit(self, tokens: list[int]) -> None:
         """Append generated tokens, cutting after the first stop token and at max_new_tokens, and hand them to
-        ``on_tokens``; a callback that returns False ends the sequence (finish reason "stop": e.g. a stop string
-        matched on the decoded text, runtime.stopping)."""
+        ``on_tokens``. The callback may end the sequence (finish reason "stop": e.g. a stop string matched on the
+        decoded text, runtime.stopping) by returning False (these tokens kept) or an int k (only the first k of
+        them kept: the output ends where the callback's own output ended)."""
         assert not self.is_finished
         out = []
         for t in tokens[:self.num_remaining]:
@@ -353,8 +358,12 @@ class SequenceState:
         self.generated.extend(out)
         if self.finish_reason is None and self.num_remaining == 0:
             self.finish_reason = "length"
-        if out and self.on_tokens is not None and self.on_tokens(self.seq_id, out) is False:
-            self.finish_reason = "stop"
+        if out and self.on_tokens is not None:
+            verdict = self.on_tokens(self.seq_id, out)
+            if verdict is False or (isinstance(verdict, int) and not isinstance(verdict, bool)):
+                if verdict is not False:
+                    del self.generated[len(self.generated) - len(out) + max(0, min(verdict, len(out))):]
+                self.finish_reason = "stop"
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.seq_id, list(self.request.prompt_ids), list(self.generated), self.finish_reason,

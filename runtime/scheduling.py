@@ -34,6 +34,7 @@ greedy AR; sampled spec keeps the AR distribution by rejection sampling), at ste
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,12 +44,16 @@ from typing import Any, Protocol, Sequence
 # fused spec's drafts are made before their seed is known: until its own verifies are seen, a sequence's fused
 # acceptance is assumed well below the linear prior (AcceptanceEstimate.prior), so it is not entered on hope
 FUSED_PRIOR = 0.35
+_log = logging.getLogger("trimode")
 ENTRY_HORIZON = 4  # fused spec is entered for the steps that follow, not just the first (a linear draft's)
 COSTS_FILE = "pass_costs.{executor}.json"  # beside the checkpoint or engine directory: trimode profile --save
 
 
 class CostTableError(ValueError):
-    """A cost lookup for a pass kind the table does not hold."""
+    """A pass-cost table that cannot be used: malformed, or without a pass kind that is looked up."""
+
+
+REQUIRED_KINDS = ("decode", "verify", "draft")  # what auto's decisions look up (others fall back to these)
 
 
 class CostLookup(Protocol):
@@ -67,11 +72,28 @@ class PassCostTable:
 
     @classmethod
     def from_result(cls, result: dict[str, Any], source: str = "profile") -> "PassCostTable":
-        return cls({(r["kind"], r["batch"], r["num_tokens"]): r["median_ms"] for r in result["passes"]}, source)
+        """The table of a ``runtime.profiling.profile`` result. Raises ``CostTableError`` naming ``source`` for a
+        result without the rows mode auto needs (``REQUIRED_KINDS`` with positive medians) or a malformed row."""
+        try:
+            points = {(str(r["kind"]), int(r["batch"]), int(r["num_tokens"])): float(r["median_ms"])
+                      for r in result["passes"]}
+        except (KeyError, TypeError, ValueError) as e:
+            raise CostTableError(f"{source}: not a pass-cost profile ({type(e).__name__}: {e}); write it with "
+                                 f"trimode profile --save") from None
+        missing = [k for k in REQUIRED_KINDS if not any(kind == k for kind, _, _ in points)]
+        if missing or any(not ms > 0 for ms in points.values()):
+            raise CostTableError(f"{source}: pass costs need positive medians for {list(REQUIRED_KINDS)}; "
+                                 f"missing {missing or 'none'} (trimode profile --save measures them)")
+        return cls(points, source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PassCostTable":
-        return cls.from_result(json.loads(Path(path).read_text()), str(path))
+        """``from_result`` of a profile JSON file. Raises ``CostTableError`` for a file that is not one."""
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise CostTableError(f"{path}: cannot read pass costs ({e})") from None
+        return cls.from_result(result, str(path))
 
     def cost_ms(self, kind: str, batch: int, num_tokens: int) -> float:
         """Median ms of a forward of ``batch`` passes of ``kind`` with ``num_tokens`` each (decode: T = 1).
@@ -123,11 +145,19 @@ class DefaultCosts:
 
 def load_costs(directory: str | Path | None, executor: str) -> PassCostTable | None:
     """The pass costs measured for ``executor`` and stored beside a checkpoint or engine directory
-    (``pass_costs.<executor>.json``, written by ``trimode profile --save``), or None when there are none."""
+    (``pass_costs.<executor>.json``, written by ``trimode profile --save``), or None when there are none. A file
+    that is not a usable table is reported in one log line and ignored (the runtime still loads; mode auto then
+    uses ``DefaultCosts``)."""
     if directory is None:
         return None
     path = Path(directory) / COSTS_FILE.format(executor=executor)
-    return PassCostTable.from_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return PassCostTable.from_json(path)
+    except CostTableError as e:
+        _log.warning("trimode: ignoring %s", e)
+        return None
 
 
 @dataclass
@@ -259,24 +289,33 @@ class AutoStats:
     seconds: float = 0.0
 
 
-@dataclass
 class AutoScheduler:
-    """The engine's ``auto`` decisions: a cost lookup (``PassCostTable`` measured here, else ``DefaultCosts``)
-    and the time spent deciding. ``warned``: whether the "costs not measured" warning was given."""
+    """The engine's ``auto`` decisions: a cost lookup ``costs`` (``PassCostTable`` measured here, else
+    ``DefaultCosts``), the time spent deciding (``stats``), and ``warned``: whether the "costs not measured"
+    notice was given. Setting ``costs`` forgets the decisions remembered with the previous ones."""
 
-    costs: CostLookup = field(default_factory=DefaultCosts)
-    stats: AutoStats = field(default_factory=AutoStats)
-    warned: bool = False
-    _memo: dict = field(default_factory=dict, repr=False)
+    def __init__(self, costs: CostLookup | None = None) -> None:
+        self.stats, self.warned = AutoStats(), False
+        self._memo: dict = {}
+        self.costs = costs or DefaultCosts()
+
+    @property
+    def costs(self) -> CostLookup:
+        return self._costs
+
+    @costs.setter
+    def costs(self, costs: CostLookup) -> None:
+        self._costs = costs
+        self._memo.clear()
 
     def decide(self, candidates: Sequence[Candidate], batch: int, block_lengths: Sequence[int],
                fixed_tokens: float = 0.0, fixed_ms: float = 0.0, fused_subblocks: int = 0) -> Decision:
         """``decide`` with this scheduler's costs, timed, and remembered: steps that look the same (batch, options,
         acceptances to 0.02, remaining tokens up to the longest block) reuse the decision instead of recomputing
-        it, which is most steps of a batch that stays in AR."""
+        it, which is most steps of a batch that stays in AR. Raises ``CostTableError`` for a kind the costs lack."""
         start = time.perf_counter()
         longest = max(block_lengths)
-        key = (id(self.costs), batch, tuple(block_lengths), fused_subblocks, round(fixed_tokens, 1), round(fixed_ms, 3),
+        key = (batch, tuple(block_lengths), fused_subblocks, round(fixed_tokens, 1), round(fixed_ms, 3),
                tuple((round(c.acceptance * 50), -1 if c.fused_acceptance is None else round(c.fused_acceptance * 50),
                       c.in_fused, min(c.remaining, longest)) for c in candidates))
         out = self._memo.get(key)

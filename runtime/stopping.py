@@ -119,6 +119,7 @@ class OutputAssembler:
         self.matcher = StopStringMatcher(strings) if strings and tokenizer is not None else None
         self.text, self.ids = "", []
         self.sent_chars = self.sent_ids = 0
+        self.last_kept = 0
 
     @property
     def stopped(self) -> bool:
@@ -129,9 +130,23 @@ class OutputAssembler:
         return None if self.matcher is None else self.matcher.match
 
     def push(self, ids: list[int]) -> bool:
-        """Add generated token ids; False once a stop string has matched (the ids after it are dropped)."""
+        """Add generated token ids; False once a stop string has matched (the ids after it are dropped:
+        ``last_kept`` says how many of this push's ids were kept)."""
         if self.stopped:
+            self.last_kept = 0
             return False
+        before = len(self.ids)
+        try:
+            return self._push(ids)
+        finally:
+            self.last_kept = len(self.ids) - before
+
+    def verdict(self, ids: list[int]) -> bool | int:
+        """``push`` as an engine token callback answers (runtime.request.TokenCallback): True to go on, else the
+        number of these ids kept (the request ends with them)."""
+        return True if self.push(ids) else self.last_kept
+
+    def _push(self, ids: list[int]) -> bool:
         if self.decoder is None:
             self.ids.extend(ids)
             return True

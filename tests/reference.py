@@ -439,5 +439,5 @@ def ref_fused_spec_generate(weights: RefWeights, cfg: ModelConfig, prompt: Seque
             carry = subs[n - 1][1:]
         else:
             carry = None
-            fallbacks += 1
+            fallbacks += len(subs) == min(num_subblocks, len(chain))  # not when the request's end cut sub-blocks
     return emitted, accepted, fallbacks

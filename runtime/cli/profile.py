@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from trimode.runtime import profiling, settings
-from trimode.runtime.scheduling import COSTS_FILE
+from trimode.runtime.scheduling import COSTS_FILE, REQUIRED_KINDS
 
 PROFILE_SETTINGS = ("num_pages", "kernels", "dtype", "threads")
 
@@ -80,6 +80,11 @@ def profile_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
     if args.save:
+        missing = [k for k in REQUIRED_KINDS if k not in args.kinds]
+        if missing:
+            print(f"trimode: error: --save needs the pass kinds mode auto looks up; add {missing} to --kinds",
+                  file=sys.stderr)
+            return 2
         beside = Path(args.engine or args.model) / COSTS_FILE.format(executor=executor)
         beside.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {beside} (mode auto's pass costs for the {executor} executor)", file=sys.stderr)

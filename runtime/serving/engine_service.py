@@ -53,7 +53,7 @@ INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
 
 
 class Sink(Protocol):
-    def on_tokens(self, ids: list[int]) -> bool | None: ...
+    def on_tokens(self, ids: list[int]) -> bool | int | None: ...  # False / int k: stop (keeping k of ids)
     def on_finish(self, result: GenerationResult, timing: dict) -> None: ...
     def on_error(self, message: str, code: str) -> None: ...
     def is_cancelled(self) -> bool: ...
@@ -293,19 +293,23 @@ class EngineService:
                 self._reserved_pages += entry.pages
 
     def _token_callback(self, entry: _Entry):
-        def on_tokens(_: int, ids: list[int]) -> None:
+        def on_tokens(_: int, ids: list[int]) -> bool | int | None:
             if entry.first_token is None:
                 entry.first_token = time.perf_counter()
             entry.num_tokens += len(ids)
             if entry.cancel_requested or entry.stop_requested:
-                return
+                return None
             try:
-                keep_going = entry.sink.on_tokens(ids)
+                verdict = entry.sink.on_tokens(ids)
             except Exception:  # the client is gone: stop generating for it
                 entry.cancel_requested = True
-                return
-            if keep_going is False:
+                return None
+            if verdict is False or (isinstance(verdict, int) and not isinstance(verdict, bool)):
+                # the sink's output ended (a stop string): the engine ends the request now, keeping what the
+                # sink kept, so the result and its counters hold exactly the tokens sent
                 entry.stop_requested = True
+                return verdict
+            return None
         return on_tokens
 
     def _poll_cancelled(self, force: bool = False) -> None:

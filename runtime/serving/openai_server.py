@@ -67,13 +67,13 @@ class QueueSink:
     def _put(self, *item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def on_tokens(self, ids: list[int]) -> bool:
-        keep_going = self.out.push(ids)
+    def on_tokens(self, ids: list[int]) -> bool | int:
+        verdict = self.out.verdict(ids)  # a stop string: the request ends with the tokens kept
         text, new_ids = self.out.take()
         if text or new_ids:
             self.num_ids += len(new_ids)
             self._put("delta", text, new_ids)
-        return keep_going
+        return verdict
 
     def on_finish(self, result, timing: dict) -> None:
         text, ids = self.out.finish()

@@ -82,13 +82,13 @@ class TritonSink:
                 _close_quietly(self.sender)
             raise
 
-    def on_tokens(self, ids: list[int]) -> bool:
-        keep_going = self.out.push(ids)
+    def on_tokens(self, ids: list[int]) -> bool | int:
+        verdict = self.out.verdict(ids)  # a stop string: the request ends with the tokens kept
         if self.parsed.stream:
             text, new_ids = self.out.take()
             if new_ids:
                 self._send(text, new_ids, "", "", final=False)
-        return keep_going
+        return verdict
 
     def on_finish(self, result: GenerationResult, timing: dict) -> None:
         text, ids = self.out.finish()

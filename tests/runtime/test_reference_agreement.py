@@ -443,5 +443,5 @@ def test_fused_spec_matches_reference_and_ar(name, batch, block_length, num_subb
         assert want == reference_ar(name, prompt, [NO_EOS]), f"{what}: the reference itself is not lossless"
         _assert_same_tokens(list(out.token_ids), want, what)
         assert list(out.accepted_lengths) == accepted and out.fused_fallbacks == fallbacks, what
-        assert out.forwards["verify"] == len(accepted) and out.forwards["draft"] == fallbacks + 1, what
+        assert out.forwards["verify"] == len(accepted) and out.forwards["draft"] >= fallbacks + 1, what
     assert lm.cache.stats().num_free_pages == lm.cache.num_pages

@@ -63,7 +63,7 @@ def _stream(kjv, stop: list[str], prompt: str = "And he said", mode: str = "ar")
 
     class Sink:
         def on_tokens(self, ids):
-            return out.push(ids)
+            return out.verdict(ids)  # as the servers' sinks answer
 
         def on_finish(self, result, timing):
             box["result"] = result
@@ -94,6 +94,7 @@ def test_single_token_stop_string_fires_in_context(kjv, mode):
     assert result.finish_reason == "stop" and len(result.token_ids) < 40
     assert out.stop_string == "unto" and out.text == full.text[:full.text.index("unto")]  # never emitted
     assert out.ids == full.token_ids[:len(out.ids)] and kjv.tokenizer.decode(out.ids[-1:]) == " unto"
+    assert result.token_ids == out.ids  # the result (and its counters) hold exactly the tokens sent
 
 
 @pytest.mark.parametrize("stop", [["shall not see"], ["the"], ["xyz", "Son of"]])
@@ -157,3 +158,16 @@ def test_cli_stop_prints_up_to_the_match(kjv, capsys):
                  "--stop", "zzz", "And he said"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(free[:free.index("Son of")] + "\n[ar] ")
+
+
+def test_api_callback_can_stop_a_request_with_stop_strings(kjv):
+    """A caller's callback that returns False ends the request, with stop strings set or not; one that returns k
+    keeps k of the tokens it was given."""
+    for stop in ((), ("zzzz",)):
+        out = kjv.run([kjv.request("And he said", 30, free_mode(kjv, "ar"), stop=stop)],
+                      on_tokens=lambda rid, ids: False)[0]
+        assert out.finish_reason == "stop" and len(out.token_ids) == 1, stop
+    seen = []
+    out = kjv.run([kjv.request("And he said", 30, free_mode(kjv, "spec"))],
+                  on_tokens=lambda rid, ids: seen.extend(ids) or (0 if len(seen) >= 5 else None))[0]
+    assert out.finish_reason == "stop" and out.token_ids == seen[:len(out.token_ids)] and len(out.token_ids) < 30

@@ -182,3 +182,60 @@ def test_sampled_auto_is_reproducible(ckpt):
     a, b = lm.run([req])[0], lm.run([req])[0]
     assert a.token_ids == b.token_ids and len(a.token_ids) == 20
     assert isinstance(req, GenerationRequest)
+
+
+# ---- engine limits and cost tables ---------------------------------------------------------------------------
+
+def _limited_lm(ckpt, max_batch: int, draft_tokens: int):
+    from trimode.runtime import assembly
+    from trimode.runtime.api import TriModeLM
+    from trimode.runtime.executors.engine_dir import EngineLimits
+    from trimode.runtime.model.checkpoint import load_model
+    from trimode.runtime.settings import RuntimeSettings
+
+    limits = EngineLimits("a small build", ("ar", "spec"), max_batch=max_batch, max_seq=96, block_length=8,
+                          page_size=4, max_pages=128,
+                          max_tokens={"prefill": 96, "decode": max_batch, "verify": max_batch * 9,
+                                      "draft": draft_tokens})
+    rt = assembly.build_runtime(load_model(ckpt), None, RuntimeSettings(num_pages=128, page_size=4,
+                                                                        max_batch_size=max_batch), limits=limits)
+    return TriModeLM.from_runtime(rt)
+
+
+def test_fused_spec_within_an_engines_max_batch(ckpt):
+    """An engine runs at most max_batch sequences per forward: a fused step's sub-blocks are draft passes, so
+    more sub-blocks than that are refused by name, and a batch whose sub-blocks would exceed it waits a step
+    instead of failing; auto's fused option shrinks to what fits instead of refusing auto."""
+    from trimode.runtime.request import FusedSpecConfig
+
+    lm = _limited_lm(ckpt, max_batch=2, draft_tokens=18)
+    with pytest.raises(RequestError, match="num_subblocks"):
+        lm.run([lm.request([5, 6, 7], 12, FusedSpecConfig(8, 4, 4))])
+    prompts = random_prompts([4, 6, 5], seed=9)
+    ar = lm.ar_generate(prompts, max_new_tokens=12)
+    out = lm.run([lm.request(p, 12, FusedSpecConfig(4, 2, 2)) for p in prompts])
+    assert [r.token_ids for r in out] == [r.token_ids for r in ar] and all(r.error is None for r in out)
+    lm.engine.scheduler.costs = FLAT
+    auto = lm.run([lm.request(p, 12, AutoConfig((4, 8))) for p in prompts])
+    assert [r.token_ids for r in auto] == [r.token_ids for r in ar]
+    assert lm.engine._auto_fused_subblocks(4, 8) == 2  # max_batch 2, 18 draft tokens / 8 = 2
+
+
+def test_bad_cost_tables(tmp_path, ckpt, caplog):
+    from trimode.runtime.scheduling import COSTS_FILE, CostTableError, load_costs
+
+    with pytest.raises(CostTableError, match="missing"):
+        PassCostTable.from_result({"passes": [{"kind": "decode", "batch": 1, "num_tokens": 1, "median_ms": 1.0}]})
+    with pytest.raises(CostTableError, match="not a pass-cost profile"):
+        PassCostTable.from_result({"passes": [{"kind": "decode"}]})
+    (tmp_path / COSTS_FILE.format(executor="torch")).write_text("{not json")
+    with caplog.at_level("WARNING", logger="trimode"):
+        assert load_costs(tmp_path, "torch") is None  # ignored, said in one line: the runtime still loads
+    assert "ignoring" in caplog.text
+    # a table without denoise: a diffusion request beside auto ones harms nothing
+    lm = make_lm(ckpt)
+    lm.engine.scheduler.costs = PassCostTable({(k, 1, t): 1.0 + 0.01 * t for k in ("decode", "verify", "draft")
+                                               for t in (1, 4, 8, 40)})
+    prompts = random_prompts([5, 7], seed=4)
+    out = lm.run([lm.request(prompts[0], 10, mode_config("auto", 8)), lm.request(prompts[1], 10, DiffusionConfig(4))])
+    assert all(r.error is None for r in out)

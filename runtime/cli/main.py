@@ -190,8 +190,9 @@ def generate(args: argparse.Namespace, lm=None) -> int:
         print(json.dumps({"text": result.text, **counters}))
     else:
         print()
+        names = {"verify": "fused steps"} if args.mode == "fused_spec" else {}  # a fused step is one verify forward
         print(f"[{args.mode}] {counters['num_tokens']} tokens, {counters['num_forwards']} forwards "
-              f"({', '.join(f'{k} {v}' for k, v in counters['forwards'].items() if v)}), "
+              f"({', '.join(f'{names.get(k, k)} {v}' for k, v in counters['forwards'].items() if v)}), "
               f"{counters['tokens_per_forward']:.2f} tokens/forward, {counters['tokens_per_s']:.1f} tokens/s"
               + (f", mean accepted length {counters['mean_accepted_length']:.2f}"
                  if counters['mean_accepted_length'] else ""))
@@ -209,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                 return generate_tensor_parallel(args, generate)
             return generate(args)
     except (RequestError, SamplingError, ServingError, ValueError) as e:
-        parser.error(str(e))
+        sub = next((a for a in parser._subparsers._group_actions if a.dest == "command"), None) \
+            if parser._subparsers is not None else None
+        (sub.choices.get(args.command, parser) if sub is not None else parser).error(str(e))  # its own usage
     return 1
 
 

@@ -28,6 +28,16 @@ from trimode.runtime.request import Mode
 from trimode.runtime.serving.engine_service import ADMISSION_POLICIES
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--graceful-timeout must be a number of seconds >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"--graceful-timeout must be a number of seconds >= 0, got {text}")
+    return value
+
+
 def add_subparsers(sub) -> None:
     """Register ``serve-openai`` on an ``add_subparsers()`` object; it sets ``handler=run``."""
     p = sub.add_parser("serve-openai", help="serve a checkpoint or an engine directory over an OpenAI-compatible "
@@ -53,7 +63,7 @@ def add_subparsers(sub) -> None:
                    help="mode of requests that name none (default spec)")
     p.add_argument("--max-tokens-limit", type=settings.positive_int("--max-tokens-limit"), default=4096,
                    help="largest max_tokens a request may ask (default 4096)")
-    p.add_argument("--graceful-timeout", type=settings.positive_int("--graceful-timeout", minimum=0), default=5,
+    p.add_argument("--graceful-timeout", type=_seconds, default=5.0,
                    help="seconds requests in flight get to finish when the server stops (default 5)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                    help="uvicorn's log level (default info)")

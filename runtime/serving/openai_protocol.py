@@ -52,7 +52,8 @@ class APIError(Exception):
     @property
     def body(self) -> dict:
         """``{"error": {"message", "type", "param", "code"}}``; the type follows from the status."""
-        kind = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable"}
+        kind = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+                503: "service_unavailable"}
         return {"error": {"message": self.message, "type": kind.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
 

@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from trimode.runtime.request import Mode, mode_config
 from trimode.runtime.serving.engine_service import EngineService, ServiceClosed
@@ -281,6 +282,12 @@ def create_app(service: EngineService, lm, model_name: str, default_mode: str = 
         service.count_rejected()
         error = validation_error(exc.errors())
         return JSONResponse(error.body, status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # an unknown route (404) or method (405) answered in OpenAI's error shape too
+        error = APIError(exc.status_code, f"{exc.detail}: {_request.method} {_request.url.path}")
+        return JSONResponse(error.body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def on_internal_error(_request: Request, exc: Exception) -> JSONResponse:

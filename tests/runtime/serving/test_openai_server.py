@@ -99,6 +99,8 @@ def test_models_health_and_stats(server, client):
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     st = stats(server)
     assert st["model"] == NAME and st["pages_free"] == st["num_pages"] > 0
+    for r, status in ((httpx.get(server + "/v1/nothing"), 404), (httpx.get(server + "/v1/completions"), 405)):
+        assert r.status_code == status and r.json()["error"]["message"], r.text  # OpenAI's error shape
 
 
 @pytest.mark.parametrize("mode", MODES + ("fused_spec", "auto"))

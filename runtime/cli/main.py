@@ -36,26 +36,14 @@ from trimode.runtime.stopping import OutputAssembler
 MODES = [m.value for m in Mode]
 
 
-def _positive_int(name: str):
+def _positive_int(name: str, minimum: int = 1):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {value}")
-        return value
-    return parse
-
-
-def _non_negative_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= {minimum}, got {value}")
         return value
     return parse
 
@@ -121,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="with --chat: a system message before the user's")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string (repeatable): the output ends before its first occurrence")
-    g.add_argument("--max-thinking-tokens", type=_non_negative_int("--max-thinking-tokens"), default=None,
+    g.add_argument("--max-thinking-tokens", type=_positive_int("--max-thinking-tokens", 0), default=None,
                    help="thinking budget: force the end-of-thinking token after this many tokens without it")
-    g.add_argument("--end-think-token-id", type=_non_negative_int("--end-think-token-id"), default=None,
+    g.add_argument("--end-think-token-id", type=_positive_int("--end-think-token-id", 0), default=None,
                    help="the end-of-thinking token id (default: config.json's end_think_token_id, else the "
                         "tokenizer's </think>)")
     # the runtime's sizes, kernels and dtype: options derived from runtime.settings (one table for CLI and Triton)

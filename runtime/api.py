@@ -1,6 +1,8 @@
 """The public Python API: ``TriModeLM`` owns one model, one KV cache and one engine, and offers the
-reference code's entry points (``ar_generate``, ``generate``, ``linear_spec_generate``) for batches of
-prompts of any lengths, plus ``run`` for requests that mix modes or switch mode mid-way.
+reference code's entry points (``ar_generate``, ``generate``, ``linear_spec_generate``) and
+``fused_spec_generate`` for batches of prompts of any lengths (text, token ids or chat conversations; stop
+strings and the thinking budget in every mode), plus ``run`` for requests that mix modes (``auto`` too) or
+switch mode mid-way.
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ class TriModeLM:
     def ar_generate(self, prompts=None, max_new_tokens: int = 128, **kw) -> list[GenerationResult]:
         """Autoregressive decoding: one token per forward.
 
-        The three entry points take one prompt or a list (text, token ids, or a conversation: a list of
+        The entry points take one prompt or a list (text, token ids, or a conversation: a list of
         ``{"role", "content"}`` dicts rendered with the checkpoint's chat template), or ``messages=`` (one
         conversation or a list), and ``request``'s options: ``temperature``, ``top_k``, ``top_p``, ``seed``,
         ``eos_token_ids``, ``stop_token_ids``, ``stop`` (stop strings, never emitted), ``max_thinking_tokens``

@@ -1,8 +1,10 @@
 """The decoding loop and scheduler: one loop for every mode, many concurrent requests, one KV cache.
 
-Each ``step``: admit waiting requests (prefill), ask each running sequence's mode policy for its next pass,
-reserve pages for the passes that keep K/V, run all passes in one executor forward (modes mix freely in a
-batch), hand each sequence its logits, apply rollbacks, and retire finished sequences (freeing their pages).
+Each ``step``: admit waiting requests (prefill), apply scheduled mode switches at step boundaries, let mode
+``auto`` choose each of its sequences' mode for the next cycle (runtime.scheduling), ask each running sequence's
+mode policy for its next pass (fused spec: its chain and sub-block passes, which must share one forward), reserve
+pages for the passes that keep K/V, run all passes in one executor forward (modes mix freely in a batch), hand
+each sequence its logits, apply rollbacks, and retire finished sequences (freeing their pages).
 
 Page exhaustion never crashes the loop and never leaks: a sequence whose pages cannot be reserved waits
 while others make progress; if no sequence can progress, the newest stuck one fails with the

@@ -9,6 +9,7 @@ A ``Runtime`` is one process's (or tensor-parallel rank 0's) runtime; the other 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,7 @@ from trimode.runtime.scheduling import load_costs
 from trimode.runtime.settings import DEFAULTS, RuntimeSettings
 
 ExecutorFactory = Callable[[NLDModel, PagedKVCache], Executor]  # called as factory(model, cache)
+_log = logging.getLogger("trimode")
 
 
 @dataclass
@@ -100,6 +102,11 @@ def with_measured_costs(rt: Runtime, directory: str | Path) -> Runtime:
     (``pass_costs.<executor>.json``: ``trimode profile --save``), when there are some."""
     costs = load_costs(directory, rt.settings.executor)
     if costs is not None:
+        measured = costs.meta.get("executor_threads") or costs.meta.get("torch_threads")
+        threads = getattr(rt.executor, "threads", None)
+        if measured and threads and measured != threads:  # a pool of another size costs passes differently
+            _log.warning("trimode: %s was measured with %s threads, this runtime has %s: mode auto uses it as it "
+                         "is (measure again with --threads %s)", costs.source, measured, threads, threads)
         rt.engine.scheduler.costs = costs
     return rt
 

@@ -66,8 +66,9 @@ class PassCostTable:
     (below the measured range: its lowest point; above it: in proportion, so an unmeasured long pass is never
     taken for cheap). ``source``: where it came from (for logs)."""
 
-    def __init__(self, points: dict[tuple[str, int, int], float], source: str = "profile") -> None:
-        self.points, self.source = points, source
+    def __init__(self, points: dict[tuple[str, int, int], float], source: str = "profile",
+                 meta: dict[str, Any] | None = None) -> None:
+        self.points, self.source, self.meta = points, source, meta or {}
         self._memo: dict[tuple[str, int, int], float] = {}  # lookups repeat every step: computed once
 
     @classmethod
@@ -84,7 +85,7 @@ class PassCostTable:
         if missing or any(not ms > 0 for ms in points.values()):
             raise CostTableError(f"{source}: pass costs need positive medians for {list(REQUIRED_KINDS)}; "
                                  f"missing {missing or 'none'} (trimode profile --save measures them)")
-        return cls(points, source)
+        return cls(points, source, result.get("meta"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PassCostTable":

@@ -76,13 +76,13 @@ def build_runtime(model: NLDModel, tokenizer: Tokenizer | None = None, settings:
 
 def settings_within(settings: RuntimeSettings, limits: EngineLimits) -> RuntimeSettings:
     """``settings`` sized by an engine directory's build-time limits: the page size it was built for, and
-    ``num_pages`` / ``max_batch_size`` left at their defaults become its ``max_pages_total`` / ``max_batch``;
-    values set above them are refused (``EngineMismatch`` naming the manifest field)."""
+    ``num_pages`` / ``max_batch_size`` not given (``RuntimeSettings.given``) become its ``max_pages_total`` /
+    ``max_batch``; values given above them are refused (``EngineMismatch`` naming the manifest field)."""
     changes = {"page_size": limits.page_size}
     for name, limit, where in (("num_pages", limits.max_pages, "shapes.max_pages_total"),
                                ("max_batch_size", limits.max_batch, "shapes.max_batch")):
         value = getattr(settings, name)
-        if value == getattr(DEFAULTS, name):
+        if name not in settings.given:
             changes[name] = limit
         elif value > limit:
             raise EngineMismatch(where, limit, value, Path(limits.source))

@@ -48,8 +48,14 @@ class RuntimeSettings:
                 "onnxruntime executor, torch then keeping 1 for the work between passes (default 0: "
                 f"${THREADS_ENV}, else one per 64 MiB of weights up to torch's default for this machine)",
         "minimum": 0})
+    # the fields set explicitly (with_ / from_args), as opposed to left at their defaults: an engine directory's
+    # limits replace only what was not given (runtime.assembly.settings_within)
+    given: frozenset = field(default=frozenset(), compare=False, repr=False, metadata={"internal": True})
 
     def __post_init__(self) -> None:
+        if not self.given:  # constructed directly: what differs from the defaults was given
+            object.__setattr__(self, "given", frozenset(
+                f.name for f in fields(self) if not f.metadata.get("internal") and getattr(self, f.name) != f.default))
         for name in ("num_pages", "page_size", "max_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -64,8 +70,9 @@ class RuntimeSettings:
             raise SettingsError(f"executor must be an executor name, got {self.executor!r}")
 
     def with_(self, **changes: Any) -> "RuntimeSettings":
-        """A copy with ``changes`` applied (None values are ignored), checked again."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with ``changes`` applied (None values are ignored) and recorded as ``given``, checked again."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, **changes, given=self.given | frozenset(changes))
 
     @property
     def torch_dtype(self) -> str | None:
@@ -169,14 +176,16 @@ def _option(f) -> str:
     return "--" + (f.metadata.get("triton") or f.name).replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] | None = None,
+                  unset: bool = False) -> None:
     """Add ``--num-pages``, ``--page-size``, ``--max-concurrent-requests`` (max_batch_size), ``--executor``,
     ``--kernels``, ``--dtype``, ``--threads`` (or only ``names``, in that order) with the defaults above; read them
-    back with ``from_args``."""
-    by_name = {f.name: f for f in fields(RuntimeSettings)}
+    back with ``from_args``. ``unset``: an option not given parses as None (``from_args`` then leaves the field
+    at its default and not ``given``, so an engine directory's limits may size it)."""
+    by_name = {f.name: f for f in fields(RuntimeSettings) if not f.metadata.get("internal")}
     for f in (by_name[name] for name in (by_name if names is None else names)):
         text = f.metadata["help"]
-        kw: dict[str, Any] = {"dest": f.name, "default": f.default,
+        kw: dict[str, Any] = {"dest": f.name, "default": None if unset else f.default,
                               "help": text if "default" in text else f"{text} (default {f.default})"}
         if f.type in ("int", int):
             kw["type"] = positive_int(_option(f), f.metadata.get("minimum", 1))
@@ -192,12 +201,13 @@ def from_args(args: argparse.Namespace, names: tuple[str, ...] | None = None,
     """The settings of parsed arguments: the fields ``names`` (default: all) that ``add_arguments`` added,
     the others from ``base``."""
     return base.with_(**{f.name: getattr(args, f.name, None) for f in fields(RuntimeSettings)
-                         if names is None or f.name in names})
+                         if not f.metadata.get("internal") and (names is None or f.name in names)})
 
 
 # Triton config.pbtxt parameter name -> (default as text, parser, settings field)
 TRITON_PARAMETERS = {f.metadata.get("triton", f.name): (str(f.default), int if f.type in ("int", int) else str, f.name)
-                     for f in fields(RuntimeSettings) if f.metadata.get("triton", f.name) is not None}
+                     for f in fields(RuntimeSettings)
+                     if f.metadata.get("triton", f.name) is not None and not f.metadata.get("internal")}
 
 
 def to_parameters(settings: RuntimeSettings) -> dict[str, str]:

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the end-of-thinking token id (default: config.json's end_think_token_id, else the "
                         "tokenizer's </think>)")
     # the runtime's sizes, kernels and dtype: options derived from runtime.settings (one table for CLI and Triton)
-    settings.add_arguments(g, names=settings.GENERATE_OPTIONS)
+    settings.add_arguments(g, names=settings.GENERATE_OPTIONS, unset=True)
     g.add_argument("--json", action="store_true", help="print the counters as one JSON line")
     add_tp_arguments(g)  # --tp N, --tp-backend {auto,gloo,nccl}, --tp-timeout S
     add_serving(sub)  # triton-repo, serve

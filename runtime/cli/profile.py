@@ -55,7 +55,7 @@ def add_subparsers(sub) -> None:
     p.add_argument("--save", action="store_true",
                    help="also store the costs beside the model or engine (pass_costs.<executor>.json), where mode "
                         "auto reads them")
-    settings.add_arguments(p, names=PROFILE_SETTINGS)
+    settings.add_arguments(p, names=PROFILE_SETTINGS, unset=True)
     p.set_defaults(handler=profile_command)
 
 

@@ -53,7 +53,7 @@ def add_subparsers(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=settings.positive_int("--port", minimum=0), default=8000,
                    help="port (default 8000; 0: a free one, printed in the ready line)")
-    settings.add_arguments(p, names=settings.GENERATE_OPTIONS)
+    settings.add_arguments(p, names=settings.GENERATE_OPTIONS, unset=True)
     p.add_argument("--kv-admission", choices=ADMISSION_POLICIES, default="reserve",
                    help="reserve: admit only what fits in the worst case (default); greedy: admit at once, fail "
                         "the newest request if pages run out")

@@ -83,7 +83,8 @@ def test_threads_setting_reaches_cli_triton_and_executors(ckpt, monkeypatch):
     it to torch's pool, the onnxruntime executor to its own pool and leaves torch one thread."""
     args = build_parser().parse_args(["generate", "--model", "m", "--threads", "3", "x"])
     assert settings.from_args(args, settings.GENERATE_OPTIONS).threads == 3
-    assert build_parser().parse_args(["generate", "--model", "m", "x"]).threads == 0  # 0: the default
+    unset = build_parser().parse_args(["generate", "--model", "m", "x"])  # not given: the default, 0
+    assert unset.threads is None and settings.from_args(unset, settings.GENERATE_OPTIONS).threads == 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--model", "m", "--threads", "-2", "x"])
     assert settings.from_parameters(parse_parameters({"threads": "2", "model_dir": "m"})).threads == 2
@@ -110,3 +111,25 @@ def test_threads_setting_reaches_cli_triton_and_executors(ckpt, monkeypatch):
         assert lm.executor.threads == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
+
+
+def test_engine_limits_size_only_what_was_not_given():
+    """An engine directory's limits replace num_pages / max_batch_size left unset; a value given explicitly, even
+    one equal to the default, is the user's: above the limit it is refused."""
+    from pathlib import Path
+
+    from trimode.runtime.assembly import settings_within
+    from trimode.runtime.executors.engine_dir import EngineLimits, EngineMismatch
+
+    limits = EngineLimits(str(Path("eng")), ("ar",), max_batch=8, max_seq=64, block_length=4, page_size=4,
+                          max_pages=256, max_tokens={})
+    sized = settings_within(DEFAULTS, limits)
+    assert (sized.num_pages, sized.max_batch_size, sized.page_size) == (256, 8, 4)
+    assert settings_within(DEFAULTS.with_(num_pages=100), limits).num_pages == 100
+    with pytest.raises(EngineMismatch, match="max_pages_total"):
+        settings_within(DEFAULTS.with_(num_pages=DEFAULTS.num_pages), limits)  # 512 given: more than 256
+    # the CLI leaves an option not given unset, and one given set, whatever its value
+    args = build_parser().parse_args(["generate", "--engine", "e", "x"])
+    assert settings.from_args(args, settings.GENERATE_OPTIONS).given == frozenset()
+    args = build_parser().parse_args(["generate", "--engine", "e", "--num-pages", "512", "x"])
+    assert "num_pages" in settings.from_args(args, settings.GENERATE_OPTIONS).given

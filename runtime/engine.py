@@ -268,6 +268,12 @@ class Engine:
         spec step's sub-blocks are one each). ``used`` holds tokens by kind and passes by ("passes", kind)."""
         if self.limits is None:
             return True
+        if len(passes) == 1:  # the common case, without building a dict
+            p = passes[0]
+            kind = PASS_TO_KIND[p.kind]
+            most = self.limits.max_tokens.get(kind)
+            return (most is None or used.get(kind, 0) + p.num_tokens <= most) and \
+                used.get(("passes", kind), 0) + 1 <= self.limits.max_batch
         need: dict = {}
         for p in passes:
             kind = PASS_TO_KIND[p.kind]
@@ -283,8 +289,8 @@ class Engine:
         """Run one forward over every running sequence. Returns the ids of requests that finished."""
         self._admit()
         for seq in self.running:  # a scheduled mode switch takes effect at a step boundary
-            if self._at_boundary(seq):
-                self._select_mode(seq)
+            if (seq.request.switches or seq.auto is not None) and self._at_boundary(seq):
+                self._select_mode(seq)  # (a request without switches keeps the mode add_request selected)
         try:
             self._decide_auto()
         except Exception as e:  # a broken cost table: the auto sequences fail, the others go on

@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's block_size)")
     g.add_argument("--threshold", type=_unit_float("--threshold"), default=None,
                    help="confidence threshold (diffusion default 0.9; spec default 0 = one draft pass)")
-    g.add_argument("--policy", choices=["threshold", "topk", "leftmost"], default="threshold",
-                   help="diffusion unmasking policy")
+    g.add_argument("--policy", choices=["threshold", "topk", "leftmost"], default=None,
+                   help="diffusion unmasking policy (default threshold)")
     g.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
                    help="diffusion: denoising passes per block (default: block length)")
     g.add_argument("--no-lora", action="store_true", help="spec: draft without the linear_spec_lora adapter")
@@ -124,10 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# options that apply only to some modes: given with another mode they are refused, not silently ignored
+_MODE_OPTIONS = {"threshold": ("diffusion", "spec"), "policy": ("diffusion",), "max_steps": ("diffusion",),
+                 "no_lora": ("spec", "fused_spec", "auto"), "num_subblocks": ("fused_spec",),
+                 "subblock_length": ("fused_spec",), "block_length": ("diffusion", "spec", "fused_spec", "auto")}
+
+
 def _mode_config(args: argparse.Namespace, block_size: int) -> ModeConfig:
-    if args.mode == "diffusion" and args.policy != "threshold" and args.threshold is not None:
+    for name, modes in _MODE_OPTIONS.items():
+        if getattr(args, name) not in (None, False) and args.mode not in modes:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --mode {' / '.join(modes)}, not {args.mode}")
+    policy = args.policy or "threshold"
+    if args.mode == "diffusion" and policy != "threshold" and args.threshold is not None:
         raise ValueError("--threshold applies only to --policy threshold")
-    return mode_config(args.mode, block_size, args.block_length, args.threshold, args.policy, args.max_steps,
+    return mode_config(args.mode, block_size, args.block_length, args.threshold, policy, args.max_steps,
                        use_lora=not args.no_lora, num_subblocks=args.num_subblocks,
                        subblock_length=args.subblock_length)
 

@@ -34,6 +34,9 @@ def test_generate_json_counters(ckpt, capsys):
     (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--mode", "diffusion", "--policy", "topk", "--threshold", "0.5"], "--threshold applies only to --policy threshold"),
+    (["--mode", "ar", "--threshold", "0.5"], "--threshold applies to --mode diffusion / spec, not ar"),
+    (["--mode", "spec", "--num-subblocks", "2"], "--num-subblocks applies to --mode fused_spec, not spec"),
+    (["--mode", "auto", "--policy", "topk"], "--policy applies to --mode diffusion, not auto"),
 ])
 def test_bad_arguments_name_the_argument(ckpt, args, message):
     proc = _cli("generate", "--model", ckpt, *args, "w5")

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 # options that apply only to some modes: given with another mode they are refused, not silently ignored
 _MODE_OPTIONS = {"threshold": ("diffusion", "spec"), "policy": ("diffusion",), "max_steps": ("diffusion",),
                  "no_lora": ("spec", "fused_spec", "auto"), "num_subblocks": ("fused_spec",),
-                 "subblock_length": ("fused_spec",), "block_length": ("diffusion", "spec", "fused_spec", "auto")}
+                 "subblock_length": ("fused_spec",)}  # (--block-length is harmless for AR: not refused)
 
 
 def _mode_config(args: argparse.Namespace, block_size: int) -> ModeConfig:

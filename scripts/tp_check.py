@@ -28,14 +28,18 @@ from typing import Callable
 
 
 def workload(lm, prompts: list[list[int]], max_new_tokens: int, block: int) -> dict[str, list[dict]]:
-    from trimode.runtime.request import ARConfig, DiffusionConfig, SpecConfig
+    from trimode.runtime.request import ARConfig, DiffusionConfig, FusedSpecConfig, SpecConfig
 
+    fused = FusedSpecConfig(block, min(2, block), min(2, block)) if block >= 2 else None
     modes = {
         "ar": [ARConfig()] * len(prompts),
         "diffusion": [DiffusionConfig(block, "threshold", 0.9)] * len(prompts),
         "diffusion-topk": [DiffusionConfig(block, "topk", None, max_steps=2)] * len(prompts),
         "spec": [SpecConfig(block, 0.0, use_lora=True)] * len(prompts),
-        "mixed": [[ARConfig(), DiffusionConfig(block), SpecConfig(block)][i % 3] for i in range(len(prompts))],
+        # fused spec: a sequence's chain and sub-blocks in one forward, broadcast to every rank together
+        **({"fused_spec": [fused] * len(prompts)} if fused else {}),
+        "mixed": [[ARConfig(), DiffusionConfig(block), SpecConfig(block), fused or ARConfig()][i % 4]
+                  for i in range(len(prompts))],
     }
     out = {}
     for name, configs in modes.items():

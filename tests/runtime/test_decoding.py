@@ -195,3 +195,36 @@ def test_counters(ckpt):
     assert all(1 <= n <= 4 for n in r.accepted_lengths) and r.wall_time_s > 0
     a = lm.ar_generate(random_prompts([6], seed=13), max_new_tokens=20, eos_token_ids=())[0]
     assert a.tokens_per_forward == 1.0 and a.forwards["decode"] == 19
+
+
+@pytest.mark.parametrize("mode", ["spec", "fused_spec"])
+def test_pool_after_each_step_equals_a_fresh_prefill(ckpt, mode):
+    """At every step boundary the sequence's pool rows are what a fresh prefill of prompt + generated (minus the
+    pending token) writes: rejected drafts' K/V truncated away, fused spec's sub-blocks never written."""
+    from trimode.runtime.passes import PassKind, SeqPass
+    from trimode.runtime.request import FusedSpecConfig
+
+    lm, fresh = make_lm(ckpt), make_lm(ckpt)
+    prompt = random_prompts([7], seed=12)[0]
+    config = FusedSpecConfig(4, 2, 2) if mode == "fused_spec" else SpecConfig(4)
+    engine = lm.engine
+    sid = engine.add_request(lm.request(prompt, 24, config))
+    checked = 0
+    while sid not in engine.finished:
+        engine.step()
+        seq = next((s for s in engine.running if s.seq_id == sid), None)
+        if seq is None or seq.policy_state is not None or seq.pending is None:
+            continue
+        text = list(prompt) + seq.generated[:-1]  # the pending token's K/V is not in the cache yet
+        assert lm.cache.length(sid) == len(text)
+        fresh.cache.add_sequence(0)
+        fresh.cache.reserve(0, len(text))
+        fresh.executor.forward([SeqPass(0, PassKind.PREFILL, tuple(text), 0)])
+        for layer in range(lm.config.num_hidden_layers):
+            got = lm.cache.gather(layer, lm.cache.slots(sid, 0, len(text)))
+            want = fresh.cache.gather(layer, fresh.cache.slots(0, 0, len(text)))
+            for a, b in zip(got, want):
+                assert torch.allclose(a, b, atol=1e-5), (mode, len(text), layer, (a - b).abs().max())
+        fresh.cache.free(0)
+        checked += 1
+    assert checked >= 3

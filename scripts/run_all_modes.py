@@ -119,7 +119,8 @@ def main() -> int:
         if result.auto_choices:
             row["auto_choices"] = result.auto_choices
         rows.append(row)
-        kinds = ", ".join(f"{k} {n}" for k, n in result.forwards.items() if n and k != "prefill")
+        names = {"verify": "fused steps"} if name == "fused spec" else {}  # a fused step is one verify forward
+        kinds = ", ".join(f"{names.get(k, k)} {n}" for k, n in result.forwards.items() if n and k != "prefill")
         print(f"== {name}: {row['tokens']} tokens, {row['forwards']} forwards ({kinds}), "
               f"{row['tokens_per_forward']:.2f} tokens/forward"
               + (f", {accepted:.2f} accepted/verify" if accepted else "")

@@ -223,8 +223,8 @@ class TriModeLM:
 
         results = self.engine.run(requests, [callback(out) for out in outputs])
         for r, out in zip(results, outputs):
-            if out is not None and out.stopped:
-                r.token_ids, r.text, r.finish_reason = list(out.ids), out.text, "stop"
+            if out is not None and out.stopped:  # the engine kept the ids up to the match; the text ends before it
+                r.text = out.text
             elif self.tokenizer is not None:
                 r.text = self.tokenizer.decode(r.token_ids)
         failed = [r for r in results if r.exception is not None]

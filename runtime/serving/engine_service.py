@@ -76,7 +76,6 @@ class _Entry:
     admitted: float | None = None
     first_token: float | None = None
     seq_id: int | None = None
-    stop_requested: bool = False                 # the sink asked to stop (stop string)
     cancel_requested: bool = False               # client went away / cancel()
     error_code: str | None = None                # set when the service ends it (shutting down, a failed step)
     num_tokens: int = 0
@@ -297,19 +296,15 @@ class EngineService:
             if entry.first_token is None:
                 entry.first_token = time.perf_counter()
             entry.num_tokens += len(ids)
-            if entry.cancel_requested or entry.stop_requested:
+            if entry.cancel_requested:
                 return None
             try:
-                verdict = entry.sink.on_tokens(ids)
+                # False / k: the sink's output ended (a stop string); the engine ends the request now, keeping
+                # what the sink kept, so the result and its counters hold exactly the tokens sent
+                return entry.sink.on_tokens(ids)
             except Exception:  # the client is gone: stop generating for it
                 entry.cancel_requested = True
                 return None
-            if verdict is False or (isinstance(verdict, int) and not isinstance(verdict, bool)):
-                # the sink's output ended (a stop string): the engine ends the request now, keeping what the
-                # sink kept, so the result and its counters hold exactly the tokens sent
-                entry.stop_requested = True
-                return verdict
-            return None
         return on_tokens
 
     def _poll_cancelled(self, force: bool = False) -> None:
@@ -327,7 +322,7 @@ class EngineService:
 
     def _apply_cancellations(self) -> None:
         for seq_id, entry in list(self._by_seq.items()):
-            if (entry.cancel_requested or entry.stop_requested) and seq_id not in self.engine.finished:
+            if entry.cancel_requested and seq_id not in self.engine.finished:
                 self.engine.cancel(seq_id)   # frees its pages now (or when it leaves the waiting queue)
 
     def _collect(self) -> None:
@@ -338,8 +333,6 @@ class EngineService:
             if self.admission == "reserve":
                 self._reserved_pages -= entry.pages
             self._totals["tokens"] += len(result.token_ids)
-            if entry.stop_requested and result.finish_reason in ("cancelled", "length"):
-                result.finish_reason = "stop"
             if result.finish_reason == "error":
                 self._totals["errors"] += 1
                 code = entry.error_code or (UNAVAILABLE if isinstance(result.exception, KVCacheExhausted)

@@ -268,12 +268,6 @@ class Engine:
         spec step's sub-blocks are one each). ``used`` holds tokens by kind and passes by ("passes", kind)."""
         if self.limits is None:
             return True
-        if len(passes) == 1:  # the common case, without building a dict
-            p = passes[0]
-            kind = PASS_TO_KIND[p.kind]
-            most = self.limits.max_tokens.get(kind)
-            return (most is None or used.get(kind, 0) + p.num_tokens <= most) and \
-                used.get(("passes", kind), 0) + 1 <= self.limits.max_batch
         need: dict = {}
         for p in passes:
             kind = PASS_TO_KIND[p.kind]

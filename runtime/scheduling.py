@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -263,8 +263,11 @@ def decide(candidates: Sequence[Candidate], batch: int, costs: CostLookup, block
             options.append((("fused_spec", b), added, gained))
     for choice, added_ms, gain in options:
         # the best k to switch are the k largest gains (all add the same cost; else: the best gain per cost)
-        order = sorted(range(len(candidates)), key=lambda i: -gain[i] if len(set(added_ms)) == 1
-                       else -(gain[i] / max(added_ms[i], 1e-12) if added_ms[i] > 0 else gain[i] * 1e12))
+        if len(set(added_ms)) == 1:
+            order = sorted(range(len(candidates)), key=lambda i: -gain[i])
+        else:
+            order = sorted(range(len(candidates)),
+                           key=lambda i: -(gain[i] / max(added_ms[i], 1e-12) if added_ms[i] > 0 else gain[i] * 1e12))
         tokens, ms = fixed_tokens + len(candidates), fixed_ms + len(candidates) * ar_ms
         rate = tokens / max(ms, 1e-12)
         for k, i in enumerate(order, start=1):

@@ -23,7 +23,7 @@ from trimode.runtime import settings
 from trimode.runtime.cli.profile import add_subparsers as add_profile
 from trimode.runtime.cli.serve import add_subparsers as add_serving
 from trimode.runtime.cli.serve_openai import add_subparsers as add_openai
-from trimode.runtime.cli.serve_openai import load_lm
+from trimode.runtime.cli.serve_openai import add_source_arguments, load_lm
 from trimode.runtime.cli.tensor_parallel import add_tp_arguments, generate_tensor_parallel
 from trimode.runtime.executors.engine_dir import EngineDirError
 from trimode.runtime.kv_cache import KVCacheExhausted
@@ -77,13 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt", help="the prompt text")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
-    src.add_argument("--engine", help="engine directory (scripts/build_engine.py --out); its manifest is checked first")
-    g.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
-                   help="with --engine: the TensorRT plans (tensorrt, CUDA GPU), the reference graphs "
-                        "(onnxruntime) or the engine's checkpoint (torch); auto: tensorrt where its plans can run "
-                        "here, else onnxruntime")
+    add_source_arguments(g)  # --model | --engine, --executor (what load_lm reads)
     g.add_argument("--mode", choices=MODES, default="spec", help="decoding mode (default: spec)")
     g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
     g.add_argument("--block-length", type=_positive_int("--block-length"), default=None,

@@ -42,12 +42,7 @@ def add_subparsers(sub) -> None:
     """Register ``serve-openai`` on an ``add_subparsers()`` object; it sets ``handler=run``."""
     p = sub.add_parser("serve-openai", help="serve a checkpoint or an engine directory over an OpenAI-compatible "
                                             "HTTP API (uvicorn, 127.0.0.1 by default)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
-    src.add_argument("--engine", help="engine directory (scripts/build_engine.py --out); its manifest is checked first")
-    p.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
-                   help="with --engine: as trimode generate --engine (auto: tensorrt where its plans run here, else "
-                        "onnxruntime)")
+    add_source_arguments(p)
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -68,6 +63,17 @@ def add_subparsers(sub) -> None:
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                    help="uvicorn's log level (default info)")
     p.set_defaults(handler=run)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` | ``--engine`` (one required) and ``--executor``: what ``load_lm`` reads."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
+    src.add_argument("--engine", help="engine directory (scripts/build_engine.py --out); its manifest is checked first")
+    parser.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
+                        help="with --engine: the TensorRT plans (tensorrt, CUDA GPU), the reference graphs "
+                             "(onnxruntime) or the engine's checkpoint (torch); auto: tensorrt where its plans can run "
+                             "here, else onnxruntime")
 
 
 def load_lm(args: argparse.Namespace):

@@ -23,6 +23,7 @@ later step (each engine kind's tokens per forward are a budget filled in admissi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections import deque
@@ -32,7 +33,7 @@ from trimode.runtime.executors.base import Executor
 from trimode.runtime.executors.engine_dir import EngineLimits
 from trimode.runtime.executors.engine_kinds import PASS_TO_KIND
 from trimode.runtime.kv_cache import KVCacheExhausted
-from trimode.runtime.modes import make_policies
+from trimode.runtime.modes import ModePolicy, make_policies
 from trimode.runtime.passes import PassKind, SeqPass
 from trimode.runtime.request import (ARConfig, AutoConfig, FusedSpecConfig, GenerationRequest, GenerationResult, Mode,
                                      RequestError, SequenceState, SpecConfig, TokenCallback)
@@ -55,10 +56,13 @@ class Engine:
 
     ``max_position_embeddings``: positions per sequence (prompt + new tokens); ``max_batch_size``: sequences
     in the running batch (the rest wait); ``limits``: an engine directory's build-time limits (None: only the
-    model's and the pool's)."""
+    model's and the pool's). ``decide``: greedy passes take the engine's decisions (``SeqPass.decide``); None:
+    whenever the executor can (``Executor.decides``); False: every pass returns logits, as before the engines
+    decided (same tokens; for comparisons)."""
 
     def __init__(self, executor: Executor, mask_token_id: int, max_position_embeddings: int,
-                 max_batch_size: int = DEFAULTS.max_batch_size, limits: EngineLimits | None = None) -> None:
+                 max_batch_size: int = DEFAULTS.max_batch_size, limits: EngineLimits | None = None,
+                 decide: bool | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if limits is not None and max_batch_size > limits.max_batch:
@@ -69,6 +73,7 @@ class Engine:
         self.max_positions = max_position_embeddings
         self.max_batch_size = max_batch_size
         self.limits = limits
+        self.decide = executor.decides if decide is None else decide and executor.decides
         self.scheduler = AutoScheduler()  # mode auto's costs: set .costs to a measured PassCostTable
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
@@ -254,7 +259,8 @@ class Engine:
 
     def _plan(self, seq: SequenceState) -> SeqPass | list[SeqPass] | None:
         if not seq.is_prefilled:
-            return SeqPass(seq.seq_id, PassKind.PREFILL, seq.request.prompt_ids, 0)
+            return SeqPass(seq.seq_id, PassKind.PREFILL, seq.request.prompt_ids, 0,
+                           decide=seq.request.sampling.is_greedy)
         return self.policies[seq.mode.mode].plan(seq, self.cache.length(seq.seq_id))
 
     @staticmethod
@@ -303,6 +309,8 @@ class Engine:
             if p is None:
                 continue
             passes = p if isinstance(p, list) else [p]  # several: one sequence's passes of one forward
+            if not self.decide:
+                passes = [dataclasses.replace(q, decide=False, decide_rows=()) if q.decide else q for q in passes]
             if not self._fits(passes, used):  # over its engine kinds' budgets: next step
                 continue
             kept = [q.end_pos for q in passes if q.kind.keeps_kv]
@@ -321,15 +329,15 @@ class Engine:
             seq, err = stuck[-1]
             self._fail(seq, err, str(err))
         if planned:
-            all_logits = self._forward(planned)
+            all_outputs = self._forward(planned)
             self.num_steps += 1
-            for (seq, passes), logits in zip(planned, all_logits):
-                if logits is not None:
-                    self._consume(seq, passes, logits)
+            for (seq, passes), outs in zip(planned, all_outputs):
+                if outs is not None:
+                    self._consume(seq, passes, outs)
         return self._retire()
 
     def _forward(self, planned: list[tuple[SequenceState, list[SeqPass]]]) -> list:
-        """Logits per sequence (a list, one per pass); None for a sequence that failed. A failed batched forward
+        """Outputs per sequence (a list of ``PassOutput``, one per pass); None for a sequence that failed. A failed batched forward
         is retried sequence by sequence (a sequence's passes stay in one forward: a fused step's sub-blocks read
         the K/V its chain writes), so that only the sequences whose passes fail on their own fail (unless the
         executor is broken)."""
@@ -350,8 +358,8 @@ class Engine:
                 out.append(None)
         return out
 
-    def _consume(self, seq: SequenceState, passes: list[SeqPass], logits: list) -> None:
-        """Apply one sequence's logits; a step counts one forward of its first pass's kind (a fused step: verify)."""
+    def _consume(self, seq: SequenceState, passes: list[SeqPass], outs: list) -> None:
+        """Apply one sequence's outputs; a step counts one forward of its first pass's kind (a fused step: verify)."""
         p = passes[0]
         seq.forwards[p.kind.value] += 1
         fused_drafts = getattr(seq.policy_state, "from_subblocks", False)  # whose drafts this verify judges
@@ -360,11 +368,12 @@ class Engine:
                 self.cache.set_length(seq.seq_id, q.end_pos)
         try:
             if p.kind is PassKind.PREFILL:
-                seq.is_prefilled, seq.next_logits = True, logits[0][-1]
+                seq.is_prefilled = True
+                ModePolicy.set_next(seq, outs[0])
             elif len(passes) == 1:
-                self.policies[seq.mode.mode].consume(seq, p, logits[0])
+                self.policies[seq.mode.mode].consume(seq, p, outs[0])
             else:
-                self.policies[seq.mode.mode].consume_group(seq, passes, logits)
+                self.policies[seq.mode.mode].consume_group(seq, passes, outs)
         except Exception as e:  # this sequence's fault: it alone fails (its pages are freed when it retires)
             self._fail(seq, e)
             seq.truncate_to = None

@@ -10,6 +10,11 @@ tokens are accepted; the loop, batching, paging and counters are shared.
 - Spec: a draft pass (block-bidirectional, LoRA on, nothing kept) fills the masks of [seed, MASK x (B-1)];
   a verify pass (causal, kept) scores it; the accepted prefix plus a bonus token is emitted and the cache
   is truncated to what was accepted.
+
+Greedy passes ask the engine to decide (``SeqPass.decide``): a policy then reads ``draft_verify``'s accepted
+length and bonus token, or ``confidence_unmask``'s tokens and confidences of the masked rows, instead of logits;
+every rule below gives the same tokens either way (docs/kernels.md "Engines that decide"). A verify pass whose
+target the thinking budget forces takes logits.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trimode.runtime.acceptance import greedy_accept, rejection_accept
-from trimode.runtime.passes import PassKind, SeqPass
+from trimode.runtime.passes import PassKind, PassOutput, SeqPass
 from trimode.runtime.request import ARConfig, DiffusionConfig, FusedSpecConfig, Mode, SequenceState, SpecConfig
 from trimode.runtime.sampling import select_tokens, target_probs
 from trimode.runtime.unmasking import even_schedule, first_finished_eos, reveal, token_confidence
@@ -50,27 +55,59 @@ class ModePolicy(ABC):
         None if it finished without needing one."""
 
     @abstractmethod
-    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
-        """Apply the logits [p.num_logits, V] of the sequence's pass."""
+    def consume(self, seq: SequenceState, p: SeqPass, out: PassOutput) -> None:
+        """Apply the output of the sequence's pass: logits [p.num_logits, V], or the engine's decision."""
 
-    def consume_group(self, seq: SequenceState, passes: list[SeqPass], logits: list[torch.Tensor]) -> None:
-        """Apply the logits of a step that ran several passes for the sequence (a policy whose ``plan`` returns a
+    def consume_group(self, seq: SequenceState, passes: list[SeqPass], outs: list[PassOutput]) -> None:
+        """Apply the outputs of a step that ran several passes for the sequence (a policy whose ``plan`` returns a
         list); single-pass policies never get one."""
         raise NotImplementedError(f"{type(self).__name__} plans one pass per step")
 
+    @staticmethod
+    def set_next(seq: SequenceState, out: PassOutput) -> None:
+        """After a kept causal pass with one logit row (prefill, decode, commit): what the next token comes from,
+        the engine's greedy choice (its ``bonus``) or the logits of the row."""
+        seq.pending = None
+        if out.logits is None:
+            seq.next_token, seq.next_logits = out.bonus, None
+        else:
+            seq.next_token, seq.next_logits = None, out.logits[-1]
+
     def take_seed(self, seq: SequenceState) -> bool:
-        """Make sure a pending token exists (drawn from the last causal logits). False if the sequence ended."""
+        """Make sure a pending token exists (the engine's greedy choice, else drawn from the last causal logits).
+        False if the sequence ended."""
         if seq.pending is None:
-            assert seq.next_logits is not None, f"sequence {seq.seq_id} has neither a pending token nor logits"
-            token = int(select_tokens(seq.next_logits[None], seq.request.sampling, self.mask_token_id,
-                                      seq.generator)[0])
+            if seq.next_token is not None:
+                token = seq.next_token
+            else:
+                assert seq.next_logits is not None, f"sequence {seq.seq_id} has neither a pending token nor logits"
+                token = int(select_tokens(seq.next_logits[None], seq.request.sampling, self.mask_token_id,
+                                          seq.generator)[0])
             forced = seq.forced_token(len(seq.generated))  # the thinking budget (AR, and every block's seed)
             if forced is not None:
                 token = forced
-            seq.next_logits = None
+            seq.next_logits = seq.next_token = None
             seq.emit([token])
             seq.pending = token
         return not seq.is_finished
+
+    @staticmethod
+    def decides(seq: SequenceState) -> bool:
+        """Whether the sequence's passes can take the engine's decision instead of logits: greedy sampling."""
+        return seq.request.sampling.is_greedy
+
+    def block_choices(self, seq: SequenceState, p: SeqPass, out: PassOutput, block: Block,
+                      need_confidence: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token and confidence per position of ``block`` (a block-bidirectional pass's output): from the engine's
+        decision for the masked rows (``p.decide_rows``; other positions 0), else chosen from the logits
+        (``select``; the confidence, ``token_confidence``, only if ``need_confidence``). [len, ] int64 / fp32."""
+        if out.logits is None:
+            rows = torch.tensor(p.decide_rows, dtype=torch.long)
+            tokens = torch.zeros(len(block.tokens), dtype=torch.long).index_copy_(0, rows, out.tokens)
+            confidence = torch.zeros(len(block.tokens)).index_copy_(0, rows, out.confidence)
+            return tokens, confidence
+        tokens = self.select(seq, out.logits)
+        return tokens, token_confidence(out.logits, tokens) if need_confidence else None
 
     def new_block(self, seq: SequenceState, length: int) -> Block:
         """[pending, MASK x (length-1)] if a token is pending, else [MASK x length]; a slot whose token is forced
@@ -94,10 +131,10 @@ class ARPolicy(ModePolicy):
     def plan(self, seq: SequenceState, cache_len: int) -> SeqPass | None:
         if not self.take_seed(seq):
             return None
-        return SeqPass(seq.seq_id, PassKind.DECODE, (seq.pending,), cache_len)
+        return SeqPass(seq.seq_id, PassKind.DECODE, (seq.pending,), cache_len, decide=self.decides(seq))
 
-    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
-        seq.pending, seq.next_logits = None, logits[-1]
+    def consume(self, seq: SequenceState, p: SeqPass, out: PassOutput) -> None:
+        self.set_next(seq, out)
 
 
 class DiffusionPolicy(ModePolicy):
@@ -115,17 +152,20 @@ class DiffusionPolicy(ModePolicy):
             block.schedule = even_schedule(num_masks, min(cfg.steps_for(length), max(num_masks, 1)))
             if num_masks == 0:
                 block.phase = PassKind.COMMIT
-        return SeqPass(seq.seq_id, block.phase, tuple(block.tokens), cache_len,
-                       num_logits=1 if block.phase is PassKind.COMMIT else len(block.tokens))
+        decide = self.decides(seq)
+        if block.phase is PassKind.COMMIT:
+            return SeqPass(seq.seq_id, block.phase, tuple(block.tokens), cache_len, decide=decide)
+        return SeqPass(seq.seq_id, block.phase, tuple(block.tokens), cache_len, num_logits=len(block.tokens),
+                       decide=decide, decide_rows=_masked_rows(block) if decide else ())
 
-    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+    def consume(self, seq: SequenceState, p: SeqPass, out: PassOutput) -> None:
         block: Block = seq.policy_state
         if p.kind is PassKind.COMMIT:
-            seq.pending, seq.next_logits, seq.policy_state = None, logits[-1], None
+            self.set_next(seq, out)
+            seq.policy_state = None
             return
         cfg: DiffusionConfig = seq.mode
-        tokens = self.select(seq, logits)
-        confidence = token_confidence(logits, tokens)
+        tokens, confidence = self.block_choices(seq, p, out, block, need_confidence=True)
         masked = torch.tensor(block.masked)
         steps = len(block.schedule)
         chosen = reveal(confidence, masked, cfg.policy, cfg.threshold, block.schedule[block.step],
@@ -152,24 +192,36 @@ class SpecPolicy(ModePolicy):
             block = seq.policy_state = self.new_block(seq, min(cfg.block_length, seq.num_remaining))
             block.phase = PassKind.DRAFT if any(block.masked) else PassKind.VERIFY
             block.draft_probs = [None] * len(block.tokens)
-        is_draft = block.phase is PassKind.DRAFT
-        return SeqPass(seq.seq_id, block.phase, tuple(block.tokens), cache_len, num_logits=len(block.tokens),
-                       use_lora=is_draft and cfg.use_lora)
+        if block.phase is PassKind.DRAFT:
+            return self.draft_pass(seq, block, cache_len, cfg.use_lora)
+        return self.verify_pass(seq, block, cache_len)
 
-    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
-        (self._consume_draft if p.kind is PassKind.DRAFT else self._consume_verify)(seq, p, logits)
+    def draft_pass(self, seq: SequenceState, block: Block, cache_len: int, use_lora: bool) -> SeqPass:
+        decide = self.decides(seq)
+        return SeqPass(seq.seq_id, PassKind.DRAFT, tuple(block.tokens), cache_len, num_logits=len(block.tokens),
+                       use_lora=use_lora, decide=decide, decide_rows=_masked_rows(block) if decide else ())
 
-    def _consume_draft(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+    def verify_pass(self, seq: SequenceState, block: Block, cache_len: int) -> SeqPass:
+        """The verify pass of ``block``; it takes the engine's decision unless sampling or the thinking budget
+        forcing one of its targets needs the logits."""
+        decide = self.decides(seq) and self._forced_target(seq, block)[1] is None
+        return SeqPass(seq.seq_id, PassKind.VERIFY, tuple(block.tokens), cache_len, num_logits=len(block.tokens),
+                       decide=decide)
+
+    def consume(self, seq: SequenceState, p: SeqPass, out: PassOutput) -> None:
+        (self._consume_draft if p.kind is PassKind.DRAFT else self._consume_verify)(seq, p, out)
+
+    def _consume_draft(self, seq: SequenceState, p: SeqPass, out: PassOutput) -> None:
         threshold = getattr(seq.mode, "threshold", 0.0)  # fused spec: always 0
         block: Block = seq.policy_state
-        tokens = self.select(seq, logits)
+        tokens, confidence = self.block_choices(seq, p, out, block, need_confidence=threshold > 0)
         masked = torch.tensor(block.masked)
         if threshold > 0:
-            chosen = reveal(token_confidence(logits, tokens), masked, "threshold", threshold, 1, False)
+            chosen = reveal(confidence, masked, "threshold", threshold, 1, False)
         else:
             chosen = masked
         sampling = seq.request.sampling
-        probs = None if sampling.is_greedy else target_probs(logits, sampling, self.mask_token_id)
+        probs = None if sampling.is_greedy else target_probs(out.logits, sampling, self.mask_token_id)
         for j in chosen.nonzero().squeeze(-1).tolist():
             block.tokens[j], block.masked[j] = int(tokens[j]), False
             if probs is not None:
@@ -177,16 +229,26 @@ class SpecPolicy(ModePolicy):
         if not any(block.masked):
             block.phase = PassKind.VERIFY
 
-    def _consume_verify(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
-        block: Block = seq.policy_state
-        draft = block.tokens[1:]
-        sampling = seq.request.sampling
+    @staticmethod
+    def _forced_target(seq: SequenceState, block: Block) -> tuple[int | None, int | None]:
+        """(k, token) if the thinking budget forces verify target k of ``block``, else (k or None, None)."""
         # verify logit k scores generated token number g + k (the seed is number g - 1); the thinking budget may
         # force one of them, given that the drafts before it are what gets emitted ahead of it
         g = len(seq.generated)
         k = None if seq.request.max_thinking_tokens is None else seq.request.max_thinking_tokens - g
-        forced = seq.forced_token(g + k, draft[:k]) if k is not None and 0 <= k < len(block.tokens) else None
-        if sampling.is_greedy:
+        forced = seq.forced_token(g + k, block.tokens[1:][:k]) if k is not None and 0 <= k < len(block.tokens) \
+            else None
+        return k, forced
+
+    def _consume_verify(self, seq: SequenceState, p: SeqPass, out: PassOutput) -> None:
+        block: Block = seq.policy_state
+        draft = block.tokens[1:]
+        sampling = seq.request.sampling
+        k, forced = self._forced_target(seq, block)
+        logits = out.logits
+        if logits is None:  # the engine's draft_verify (greedy, no forced target: verify_pass)
+            emitted = draft[:out.accepted - 1] + [out.bonus]
+        elif sampling.is_greedy:
             target = self.select(seq, logits).tolist()
             if forced is not None:
                 target[k] = forced
@@ -245,9 +307,9 @@ class FusedSpecPolicy(SpecPolicy):
                                                  PassKind.VERIFY, draft_probs=[None] + carry.probs[:n - 1],
                                                  from_subblocks=True)
         if block.phase is PassKind.DRAFT:
-            return SeqPass(seq.seq_id, PassKind.DRAFT, tuple(block.tokens), cache_len, num_logits=len(block.tokens),
-                           use_lora=cfg.use_lora)
-        chain = SeqPass(seq.seq_id, PassKind.VERIFY, tuple(block.tokens), cache_len, num_logits=len(block.tokens))
+            return self.draft_pass(seq, block, cache_len, cfg.use_lora)
+        chain = self.verify_pass(seq, block, cache_len)
+        decide = self.decides(seq)
         end = len(seq.request.prompt_ids) + seq.request.max_new_tokens  # no position past the request's last
         subs = []
         for i in range(min(cfg.num_subblocks, len(block.tokens))):
@@ -255,33 +317,39 @@ class FusedSpecPolicy(SpecPolicy):
             length = min(cfg.next_block_length, end - start)
             if length < 2:  # nothing to draft beyond the bonus token
                 break
-            subs.append(SeqPass(seq.seq_id, PassKind.DRAFT, (self.mask_token_id,) * length, start,
-                                num_logits=length, use_lora=cfg.use_lora))
+            subs.append(SeqPass(seq.seq_id, PassKind.DRAFT, (self.mask_token_id,) * length, start, num_logits=length,
+                                use_lora=cfg.use_lora, decide=decide,
+                                decide_rows=tuple(range(1, length)) if decide else ()))  # row 0: the bonus's
         return [chain, *subs]
 
-    def consume(self, seq: SequenceState, p: SeqPass, logits: torch.Tensor) -> None:
+    def consume(self, seq: SequenceState, p: SeqPass, out: PassOutput) -> None:
         if p.kind is PassKind.DRAFT:  # the linear draft pass
-            self._consume_draft(seq, p, logits)
+            self._consume_draft(seq, p, out)
             return
-        self.consume_group(seq, [p], [logits])
+        self.consume_group(seq, [p], [out])
 
-    def consume_group(self, seq: SequenceState, passes: list[SeqPass], logits: list[torch.Tensor]) -> None:
-        """The chain's verify logits (``passes[0]``) and each sub-block's logits [B'_i, V]."""
+    def consume_group(self, seq: SequenceState, passes: list[SeqPass], outs: list[PassOutput]) -> None:
+        """The chain's verify output (``passes[0]``) and each sub-block's (logits [B'_i, V], or the engine's tokens
+        of rows 1..)."""
         had_subblocks = len(passes) - 1
         cut = had_subblocks < min(seq.mode.num_subblocks, passes[0].num_tokens)  # the request's end cut some
-        self._consume_verify(seq, passes[0], logits[0])  # emits, sets truncate_to, pending = the bonus token
+        self._consume_verify(seq, passes[0], outs[0])  # emits, sets truncate_to, pending = the bonus token
         accepted = seq.accepted_lengths[-1]
         if seq.is_finished:
             return
         if accepted - 1 < had_subblocks:
-            sub = logits[accepted]  # sub-block accepted-1: its position 0 is the bonus token's
-            tokens = self.select(seq, sub[1:])
+            sub = outs[accepted]  # sub-block accepted-1: its position 0 is the bonus token's
+            tokens = sub.tokens if sub.logits is None else self.select(seq, sub.logits[1:])
             sampling = seq.request.sampling
             probs = [None] * len(tokens) if sampling.is_greedy else \
-                list(target_probs(sub[1:], sampling, self.mask_token_id))
+                list(target_probs(sub.logits[1:], sampling, self.mask_token_id))
             seq.carry = FusedDrafts(seq.pending, [int(t) for t in tokens], probs)
         elif not cut:
             seq.fused_fallbacks += 1  # more accepted than drafted ahead: the next step drafts linearly
+
+
+def _masked_rows(block: Block) -> tuple[int, ...]:
+    return tuple(j for j, m in enumerate(block.masked) if m)
 
 
 def _one_hot_like(token: int, like: torch.Tensor) -> torch.Tensor:

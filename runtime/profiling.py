@@ -164,6 +164,7 @@ class _TimedExecutor(Executor):
 
     def __init__(self, inner: Executor) -> None:
         self.inner, self.cache, self.times = inner, inner.cache, []
+        self.decides = inner.decides
 
     def forward(self, passes):
         device = self.cache.k_pool.device

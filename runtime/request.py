@@ -292,7 +292,8 @@ class SequenceState:
 
     Invariant between steps: the cache holds prompt + generated, except the ``pending`` token (the last
     generated token, whose K/V is not yet computed) when it is set. When ``pending`` is None, ``next_logits``
-    holds the causal logits for the token after the cache (from the last kept causal pass).
+    holds the causal logits for the token after the cache (from the last kept causal pass), or ``next_token`` the
+    engine's greedy choice of it (a pass that decided: runtime.passes.SeqPass.decide).
     """
 
     seq_id: int
@@ -302,6 +303,7 @@ class SequenceState:
     generated: list[int] = field(default_factory=list)
     pending: int | None = None
     next_logits: torch.Tensor | None = None
+    next_token: int | None = None
     is_prefilled: bool = False
     finish_reason: str | None = None
     error: str | None = None

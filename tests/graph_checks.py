@@ -77,7 +77,7 @@ def run_graph(path: Path, passes, cache: PagedKVCache, session=None) -> tuple[to
 def torch_reference(ex: TorchExecutor, passes) -> tuple[torch.Tensor, torch.Tensor]:
     cache = ex.cache
     k0, v0 = cache.k_pool.clone(), cache.v_pool.clone()
-    logits = torch.cat(ex.forward(passes))
+    logits = torch.cat([o.logits for o in ex.forward(passes)])
     k_after = cache.k_pool.clone()
     cache.k_pool.copy_(k0)
     cache.v_pool.copy_(v0)

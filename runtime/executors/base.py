@@ -1,6 +1,7 @@
 """The executor interface and its registry.
 
-An executor turns a step's passes into logits. Every executor reads and writes the one ``PagedKVCache`` it is
+An executor turns a step's passes into logits, or, for passes that ask (``SeqPass.decide``) and executors that
+can (``decides``), into the engine's greedy decisions (``PassOutput``). Every executor reads and writes the one ``PagedKVCache`` it is
 given: kept passes write their K/V at their positions (the scheduler has reserved the pages), other passes only
 read. Executors are registered by name; the built-in ones (``torch``, ``onnxruntime``, ``tensorrt``) are
 imported on first use by ``make_executor``, so naming one never depends on what happens to be imported, and
@@ -13,14 +14,18 @@ import importlib
 from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
-import torch
-
 from trimode.runtime.kv_cache import PagedKVCache
-from trimode.runtime.passes import SeqPass
+from trimode.runtime.passes import PassOutput, SeqPass
 
 
 class Executor(ABC):
-    """Runs one forward over a batch of passes; returns fp32 logits ``[num_logits, V]`` per pass.
+    """Runs one forward over a batch of passes; returns a ``PassOutput`` per pass: fp32 logits ``[num_logits, V]``,
+    or, where the pass ``decide``s and the executor ``decides``, the decision of the engine's ``draft_verify`` /
+    ``confidence_unmask`` (docs/kernels.md "Engines that decide"). An executor that does not decide never gets a
+    deciding pass (the engine clears the flag).
+
+    ``output_bytes``: the bytes of every output handed back so far (``PassOutput.num_bytes``): on a GPU, what
+    crosses to the host.
 
     Lifecycle: ``keepalive()`` is called by an idle server more often than any collective timeout (a no-op
     unless the executor drives other ranks), ``close()`` releases what the executor holds (sessions,
@@ -28,9 +33,16 @@ class Executor(ABC):
     """
 
     cache: PagedKVCache
+    decides: bool = False
+    output_bytes: int = 0
 
     @abstractmethod
-    def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]: ...
+    def forward(self, passes: Sequence[SeqPass]) -> list[PassOutput]: ...
+
+    def count(self, outputs: list[PassOutput]) -> list[PassOutput]:
+        """Add ``outputs``' bytes to ``output_bytes``; returns them."""
+        self.output_bytes += sum(o.num_bytes for o in outputs)
+        return outputs
 
     def keepalive(self) -> None:
         """Tell whatever waits on this executor (tensor-parallel workers) that it is alive. Default: nothing."""

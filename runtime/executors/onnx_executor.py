@@ -36,35 +36,71 @@ from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_di
 from trimode.runtime.executors.engine_kinds import ENGINE_KINDS, PASS_TO_KIND  # PASS_TO_KIND: pass -> engine kind
 from trimode.runtime.executors.ort_ops import register_ort_contrib_ops, register_tp_comm
 from trimode.runtime.kv_cache import PagedKVCache
-from trimode.runtime.passes import SeqPass
+from trimode.runtime.passes import PassOutput, SeqPass, split_outputs
 from trimode.runtime.settings import ThreadPlan
 
+# the decision outputs of the graphs (build/onnx_graph.py): draft_verify's and confidence_unmask's
+DECISION_OUTPUTS = ("accepted", "bonus", "unmask_tokens", "unmask_confidence")
 # a kind this engine directory lacks can be served by one computing the same graph with other shape ranges
 SAME_GRAPH = {"prefill": ("verify", "decode"), "decode": ("verify", "prefill"), "verify": ("prefill", "decode")}
 
 
-def run_by_engine_kind(passes: Sequence[SeqPass], run: Callable[[str, list[SeqPass]], torch.Tensor],
-                       same: Callable[[str], str] | None = None) -> list[torch.Tensor]:
+def run_by_engine_kind(passes: Sequence[SeqPass], run: Callable[[str, list[SeqPass]], list[PassOutput]],
+                       same: Callable[[str], str] | None = None) -> list[PassOutput]:
     """Group the passes by the engine kind that serves them (``same(kind)``: the kind whose graph runs it, when
-    several share one), ``run`` each group once (-> logits rows of its passes, in order), the groups whose
-    passes keep K/V first, and return each pass's logits in the order of ``passes``."""
+    several share one), ``run`` each group once (-> an output per pass of the group, in order), the groups whose
+    passes keep K/V first, and return each pass's output in the order of ``passes``."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(passes):
         kind = PASS_TO_KIND[p.kind]
         groups[same(kind) if same else kind].append(i)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(passes)
+    out: list[PassOutput] = [PassOutput()] * len(passes)
     # graphs that keep K/V run first: a fused spec step's sub-blocks (draft graph) read its chain's K/V (verify
     # graph) from the pool (docs/kernels.md, "Fused self-speculation pass")
     for kind, idx in sorted(groups.items(), key=lambda g: not any(passes[i].kind.keeps_kv for i in g[1])):
-        batch = [passes[i] for i in idx]
-        for i, lg in zip(idx, run(kind, batch).split([p.num_logits for p in batch])):
-            out[i] = lg
+        for i, o in zip(idx, run(kind, [passes[i] for i in idx]), strict=True):
+            out[i] = o
     return out
+
+
+def decision_feeds(passes: Sequence[SeqPass]) -> dict[str, np.ndarray]:
+    """The decision inputs of a forward over ``passes`` (build/onnx_graph.py, docs/kernels.md "Engines that
+    decide"), for the passes with ``decide`` set:
+
+    - ``decide_index`` int64 [Q]: the token rows of the forward whose logits the decision ops read: a causal pass's
+      last ``num_logits`` rows, a block-bidirectional pass's ``decide_rows``, in pass order;
+    - ``verify_gather`` int64 [Nd * Bd]: for each deciding causal pass (Nd of them, Bd = the most rows any has),
+      its rows among the Q, padded to Bd by repeating its last one: the ``draft_verify`` target [Nd, Bd, V];
+    - ``draft_tokens`` int32 [Nd, Bd - 1] (its last ``num_logits - 1`` tokens, padding -1) and ``draft_lens``
+      int32 [Nd].
+    A graph takes the ones it has (causal graphs all four, the draft graph ``decide_index``)."""
+    index, verify, drafts = [], [], []
+    end = 0
+    for p in passes:
+        start, end = end, end + p.num_tokens
+        if not p.decide:
+            continue
+        if p.kind.is_causal:
+            verify.append(list(range(len(index), len(index) + p.num_logits)))
+            drafts.append(list(p.token_ids[p.num_tokens - p.num_logits + 1:]))
+            index += range(end - p.num_logits, end)
+        else:
+            index += [start + r for r in p.decide_rows]
+    width = max([len(v) for v in verify] + [1])
+    return {
+        "decide_index": np.array(index, dtype=np.int64),
+        "verify_gather": np.array([v[min(i, len(v) - 1)] for v in verify for i in range(width)], dtype=np.int64),
+        "draft_tokens": np.array([d + [-1] * (width - 1 - len(d)) for d in drafts], dtype=np.int32).reshape(
+            len(drafts), width - 1),
+        "draft_lens": np.array([len(d) for d in drafts], dtype=np.int32),
+    }
 
 
 def graph_feeds(passes: Sequence[SeqPass], cache: PagedKVCache, keeps_kv: bool, has_lora: bool
                 ) -> dict[str, np.ndarray]:
-    """The graph inputs (all but the pools) for ``passes`` in this order (docs: build/onnx_graph.py)."""
+    """The graph inputs (all but the pools) for ``passes`` in this order (docs: build/onnx_graph.py): the
+    decision inputs (``decision_feeds``) included, whichever graph takes them; ``logits_index`` holds the rows of
+    the passes that do not decide."""
     tables = [cache.block_table(p.seq_id) for p in passes]
     width = max([len(t) for t in tables] + [1])
     ends = list(accumulate(p.num_tokens for p in passes))
@@ -74,7 +110,9 @@ def graph_feeds(passes: Sequence[SeqPass], cache: PagedKVCache, keeps_kv: bool, 
         "block_tables": np.array([t + [-1] * (width - len(t)) for t in tables], dtype=np.int32),
         "context_lens": np.array([p.start_pos for p in passes], dtype=np.int32),
         "query_start": np.array([0, *ends], dtype=np.int32),
-        "logits_index": np.array([i for p, e in zip(passes, ends) for i in range(e - p.num_logits, e)], dtype=np.int64),
+        "logits_index": np.array([i for p, e in zip(passes, ends) if not p.decide
+                                  for i in range(e - p.num_logits, e)], dtype=np.int64),
+        **decision_feeds(passes),
     }
     if has_lora:
         feeds["lora_mask"] = np.array([float(p.use_lora) for p in passes for _ in range(p.num_tokens)], np.float32)
@@ -178,6 +216,10 @@ class _KindSession:
         names = {i.name for i in self.session.get_inputs()}
         self.keeps_kv = "slot_mapping" in names
         self.has_lora = "lora_mask" in names
+        self.inputs = names
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.decides = "decide_index" in names  # graphs of GRAPH_VERSION >= 3 (single rank) end in the decisions
+        self.results = ("logits", *(o for o in DECISION_OUTPUTS if o in self.outputs))  # bound first, in this order
         self.binding = self.session.io_binding()
 
 
@@ -229,6 +271,7 @@ class OnnxRuntimeExecutor(Executor):
                                                collectives=self.comm is not None, prepack=prepack, spin=spin)
                 self._bind_pools(by_graph[graph])
             self.sessions[k] = by_graph[graph]
+        self.decides = all(s.decides for s in self.sessions.values())  # (--tp graphs hold a vocabulary slice: no)
 
     def _session_for(self, kind: str) -> _KindSession:
         if kind in self.sessions:
@@ -241,7 +284,8 @@ class OnnxRuntimeExecutor(Executor):
 
     def _bind_pools(self, s: _KindSession) -> None:
         pool_shape = list(self.cache.k_pool.shape[1:])
-        s.binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
+        for name in s.results:  # first: get_outputs()[:len(s.results)]
+            s.binding.bind_output(name, "cpu")
         for layer in range(self.cache.k_pool.shape[0]):
             for which, pool in (("k", self.cache.k_pool), ("v", self.cache.v_pool)):
                 ptr = pool[layer].data_ptr()  # a slice of the one pool: no copy
@@ -250,21 +294,28 @@ class OnnxRuntimeExecutor(Executor):
                     s.binding.bind_output(f"{which}_pool_out.{layer}", "cpu", 0, np.float32, pool_shape, ptr)
 
     @torch.no_grad()
-    def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]:
+    def forward(self, passes: Sequence[SeqPass]) -> list[PassOutput]:
+        if not self.decides and any(p.decide for p in passes):
+            raise ValueError("these graphs do not decide (a --tp graph set, or graphs built before GRAPH_VERSION 3): "
+                             "passes must not ask for decisions")
         out = run_by_engine_kind(passes, self._run_kind, lambda kind: self._session_for(kind).kind)
         if self.comm is None:
-            return out
+            return self.count(out)
         # each rank holds a vocabulary slice: rank 0 gets the full rows (the others keep their slice)
-        full = self.comm.gather_cat(torch.cat(out), dim=-1)
-        return list(full.split([p.num_logits for p in passes]))
+        full = self.comm.gather_cat(torch.cat([o.logits for o in out]), dim=-1)
+        return self.count([PassOutput(logits=lg) for lg in full.split([p.num_logits for p in passes])])
 
-    def _run_kind(self, kind: str, batch: list[SeqPass]) -> torch.Tensor:
-        s = self._session_for(kind)  # pools and outputs are bound (__init__); a run rebinds only its feeds
+    def _run_kind(self, kind: str, batch: list[SeqPass]) -> list[PassOutput]:
+        s = self._session_for(kind)  # pools are bound (__init__); a run rebinds its feeds and its outputs
         for name, value in graph_feeds(batch, self.cache, s.keeps_kv, s.has_lora).items():
-            s.binding.bind_cpu_input(name, value)
-        s.binding.bind_output("logits", "cpu")  # unallocated again: its shape changes from run to run
+            if name in s.inputs:
+                s.binding.bind_cpu_input(name, value)
+        for name in s.results:
+            s.binding.bind_output(name, "cpu")  # unallocated again (same place): shapes change from run to run
         s.session.run_with_iobinding(s.binding)
-        return torch.from_numpy(s.binding.get_outputs()[0].numpy())
+        values = dict(zip(s.results, (v.numpy() for v in s.binding.get_outputs()[:len(s.results)])))
+        return split_outputs(batch, torch.from_numpy(values["logits"]), values.get("accepted"), values.get("bonus"),
+                             values.get("unmask_tokens"), values.get("unmask_confidence"))
 
     def pool_pointers(self) -> dict[str, int]:
         """The data pointer every session binds for layer 0's K pool (tests: one and the same buffer)."""

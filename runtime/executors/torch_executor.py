@@ -8,6 +8,11 @@ once per forward, so a layer's attention is a few gathers and one SDPA over the 
 ``index_copy_`` per pool, whatever the number of sequences (the per-sequence reference loop, with its argument
 checks on every call, cost more than the 3 M-parameter tiny model's matmuls).
 
+Decisions (``SeqPass.decide``): the head runs on the logit rows of the passes that return logits and on the rows
+the decisions read (``onnx_executor.decision_feeds``, the layout every executor shares), and the decisions are
+``plugins.dispatch.draft_verify`` / ``confidence_unmask`` (Triton kernels on CUDA, references on CPU); only
+their results go to the host.
+
 Threads: the executor owns torch's intra-op pool (``threads``; runtime.settings.ThreadPlan).
 """
 
@@ -21,9 +26,10 @@ import torch
 
 from trimode.plugins import dispatch as ops
 from trimode.runtime.executors.base import Executor, register_executor
+from trimode.runtime.executors.onnx_executor import decision_feeds
 from trimode.runtime.kv_cache import PagedKVCache
 from trimode.runtime.model.network import NLDModel, batch_invariant_attention
-from trimode.runtime.passes import SeqPass
+from trimode.runtime.passes import PassOutput, SeqPass, split_outputs
 from trimode.runtime.settings import ThreadPlan
 
 
@@ -83,7 +89,9 @@ class TorchExecutor(Executor):
     Triton kernels on CUDA, the torch references on CPU (batched, see the module docstring). ``kernels``
     ("auto" / "reference" / "triton", default: the TRIMODE_KERNELS environment variable, else "auto") forces one
     (see plugins.dispatch). ``threads`` (0 / None: runtime.settings.resolve_threads for the model's weights)
-    sets torch's intra-op pool when the executor is made."""
+    sets torch's intra-op pool when the executor is made. It decides (``decides``; module docstring)."""
+
+    decides = True
 
     def __init__(self, model: NLDModel, cache: PagedKVCache, kernels: str | None = None,
                  threads: int | None = None) -> None:
@@ -94,7 +102,7 @@ class TorchExecutor(Executor):
         self.plan.apply()
 
     @torch.no_grad()
-    def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]:
+    def forward(self, passes: Sequence[SeqPass]) -> list[PassOutput]:
         device, cache = self.cache.k_pool.device, self.cache
         # causal passes first: each attention pattern is then one contiguous run of token rows
         order = sorted(range(len(passes)), key=lambda i: not passes[i].kind.is_causal)
@@ -146,12 +154,41 @@ class TorchExecutor(Executor):
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         hidden = self.model.forward_hidden(ids, positions, attend, lora_mask)
-        rows = [i for p, end in zip(batch, accumulate(p.num_tokens for p in batch))
+        rows = [i for p, end in zip(batch, accumulate(p.num_tokens for p in batch)) if not p.decide
                 for i in range(end - p.num_logits, end)]
-        if len(rows) != hidden.shape[0]:
-            hidden = hidden[torch.tensor(rows, device=device)]
-        logits = list(self.model.logits(hidden).float().split([p.num_logits for p in batch]))
-        out: list[torch.Tensor] = [torch.empty(0)] * len(passes)
-        for i, lg in zip(order, logits):
-            out[i] = lg
-        return out
+        decisions = decision_feeds(batch) if any(p.decide for p in batch) else None
+        if decisions is not None:
+            rows += decisions["decide_index"].tolist()
+        if len(rows) != hidden.shape[0] or rows != list(range(len(rows))):
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=device)]
+        logits = self.model.logits(hidden).float()
+        outputs = split_outputs(batch, logits, *self._decide(logits[sum(p.num_logits for p in batch if not p.decide):],
+                                                              decisions))
+        out: list[PassOutput] = [PassOutput()] * len(passes)
+        for i, o in zip(order, outputs):
+            out[i] = o
+        return self.count(out)
+
+    def _decide(self, logits: torch.Tensor, feeds: dict | None) -> tuple:
+        """(accepted, bonus, tokens, confidence) on the host from the decision rows' logits [Q, V] (causal passes'
+        rows first: the batch is ordered causal-first), or four Nones without deciding passes."""
+        if feeds is None:
+            return None, None, None, None
+        device, mask_id = logits.device, self.model.config.mask_token_id
+        accepted = bonus = tokens = confidence = None
+        num_verify = len(feeds["draft_lens"])
+        causal_rows = int(feeds["verify_gather"].max()) + 1 if num_verify else 0
+        if num_verify:
+            width = feeds["draft_tokens"].shape[1] + 1
+            target = logits[torch.from_numpy(feeds["verify_gather"]).to(device)].view(num_verify, width, -1)
+            accepted, bonus = ops.draft_verify(torch.from_numpy(feeds["draft_tokens"]).to(device), target,
+                                               torch.from_numpy(feeds["draft_lens"]).to(device), mask_id,
+                                               backend=self.kernels)
+            accepted, bonus = accepted.cpu(), bonus.cpu()
+        if causal_rows < logits.shape[0]:
+            unmask = logits[causal_rows:]
+            tokens, confidence = ops.confidence_unmask(unmask, torch.ones(unmask.shape[0], dtype=torch.bool,
+                                                                          device=device), mask_id,
+                                                       backend=self.kernels)
+            tokens, confidence = tokens.cpu(), confidence.cpu()
+        return accepted, bonus, tokens, confidence

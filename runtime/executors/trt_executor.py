@@ -40,9 +40,9 @@ from trimode.runtime.executors.base import Executor, register_executor
 from trimode.runtime.executors.engine_dir import (EngineDirError, EngineMismatch, check_engine_dir, check_tensorrt,
                                                   tensor_parallel_size)
 from trimode.runtime.executors.engine_kinds import token_range
-from trimode.runtime.executors.onnx_executor import graph_feeds, run_by_engine_kind
+from trimode.runtime.executors.onnx_executor import DECISION_OUTPUTS, graph_feeds, run_by_engine_kind
 from trimode.runtime.kv_cache import PagedKVCache
-from trimode.runtime.passes import SeqPass
+from trimode.runtime.passes import PassOutput, SeqPass, split_outputs
 
 RUNTIME_CACHE_SUFFIX = ".runtime-cache"
 
@@ -137,6 +137,19 @@ def binding_plan(passes: Sequence[SeqPass], cache: PagedKVCache, inputs: set[str
     return feeds, pools
 
 
+def device_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; an empty tensor (no logit rows when every pass decides, no deciding pass) as a view of
+    a one-element buffer, so that ``tensor_address`` has an address to give TensorRT."""
+    if t.numel():
+        return t.to(device)
+    return torch.empty(1, dtype=t.dtype, device=device)[:0].view(t.shape)
+
+
+def tensor_address(t: torch.Tensor) -> int:
+    """The address TensorRT gets for ``t``: its data, or for an empty tensor (torch says 0) its buffer's."""
+    return t.data_ptr() or t.untyped_storage().data_ptr()
+
+
 class _Context:
     """One kind's execution context on its profile (with the plan's TensorRT-RTX runtime cache, if any)."""
 
@@ -206,6 +219,7 @@ class TensorRTExecutor(Executor):
                     self.runtime_caches[plan] = self._load_runtime_cache(engine, plan)
             self.contexts[kind] = _Context(trt, self.engines[plan], profile, self.stream,
                                            self.runtime_caches.get(plan))
+        self.decides = all("decide_index" in c.inputs for c in self.contexts.values())
 
     def _load_runtime_cache(self, engine, plan: str):
         cache = engine.create_runtime_config().create_runtime_cache()
@@ -227,36 +241,41 @@ class TensorRTExecutor(Executor):
         self.runtime_caches = {}
         self.contexts = {}
 
-    def _run(self, kind: str, passes: list[SeqPass]) -> torch.Tensor:
+    def _run(self, kind: str, passes: list[SeqPass]) -> list[PassOutput]:
         ctx, cache = self.contexts[kind], self.cache
         feeds, pools = binding_plan(passes, cache, ctx.inputs, ctx.outputs)
         check_profile(kind, feeds, self.shapes)
         device = cache.k_pool.device
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feeds.items()}
+        tensors = {k: device_tensor(torch.from_numpy(np.ascontiguousarray(v)), device) for k, v in feeds.items()}
         c = ctx.context
         for name, t in tensors.items():
             c.set_input_shape(name, tuple(t.shape))
-            c.set_tensor_address(name, t.data_ptr())
+            c.set_tensor_address(name, tensor_address(t))
         for name, shape, ptr in pools:
             if name in ctx.inputs:
                 c.set_input_shape(name, shape)
             c.set_tensor_address(name, ptr)
-        logits = torch.empty(tuple(c.get_tensor_shape("logits")), dtype=torch.float32, device=device)
-        c.set_tensor_address("logits", logits.data_ptr())
+        results = {}  # logits (the rows of passes that do not decide) and the decisions, on the device
+        for name in ("logits", *(o for o in DECISION_OUTPUTS if o in ctx.outputs)):
+            dtype = torch.float32 if name in ("logits", "unmask_confidence") else torch.int32
+            results[name] = device_tensor(torch.empty(tuple(c.get_tensor_shape(name)), dtype=dtype), device)
+            c.set_tensor_address(name, tensor_address(results[name]))
         with torch.cuda.stream(self.stream):
             if not c.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError(f"TensorRT execution of the {kind} engine failed")
         self.stream.synchronize()
-        return logits
+        host = {k: v.cpu() for k, v in results.items() if k != "logits"}  # a few int32 / fp32 per pass
+        return split_outputs(passes, results["logits"], host.get("accepted"), host.get("bonus"),
+                             host.get("unmask_tokens"), host.get("unmask_confidence"))
 
     @torch.no_grad()
-    def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]:
-        def run(kind: str, batch: list[SeqPass]) -> torch.Tensor:
+    def forward(self, passes: Sequence[SeqPass]) -> list[PassOutput]:
+        def run(kind: str, batch: list[SeqPass]) -> list[PassOutput]:
             if kind not in self.contexts:
                 raise ValueError(f"engine directory {self.engine_dir} has no {kind!r} engine")
             return self._run(kind, batch)
 
-        return run_by_engine_kind(passes, run)
+        return self.count(run_by_engine_kind(passes, run))
 
 
 def tensorrt_runnable(engine_dir: str | Path, need_loader_path: bool = True) -> tuple[bool, str]:

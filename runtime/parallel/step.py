@@ -19,7 +19,7 @@ from trimode.runtime.kv_cache import PagedKVCache
 from trimode.runtime.model.config import ModelConfig
 from trimode.runtime.model.network import NLDModel
 from trimode.runtime.parallel.comm import TensorParallelConfigError, TensorParallelError, TPComm
-from trimode.runtime.passes import PassKind, SeqPass
+from trimode.runtime.passes import PassKind, PassOutput, SeqPass
 
 OP_STEP, OP_STOP, OP_KEEPALIVE = 1, 2, 3
 _KINDS = list(PassKind)
@@ -75,13 +75,15 @@ class MirrorCache(PagedKVCache):
 
 
 class TensorParallelExecutor(Executor):
-    """Rank 0's executor: broadcasts each step's passes and block tables, then runs its own shard."""
+    """Rank 0's executor: broadcasts each step's passes and block tables, then runs its own shard. It does not
+    decide (``Executor.decides``): each rank holds a slice of the vocabulary, so the decisions run on rank 0's
+    gathered logits."""
 
     def __init__(self, inner: Executor, comm: TPComm) -> None:
         self.inner, self.comm, self.cache = inner, comm, inner.cache
         self.is_closed = self.is_broken = False
 
-    def forward(self, passes: Sequence[SeqPass]) -> list[torch.Tensor]:
+    def forward(self, passes: Sequence[SeqPass]) -> list[PassOutput]:
         if self.is_closed or self.is_broken:
             raise TensorParallelError("the tensor-parallel workers have stopped (closed or after an error)")
         tables = [self.cache.block_table(p.seq_id) for p in passes]

@@ -119,12 +119,12 @@ def test_torch_executor_on_the_kernels_matches_the_references(ckpt):
         for sid, prompt in enumerate(ids):
             lm.cache.add_sequence(sid)
             lm.cache.reserve(sid, len(prompt) + 1)
-        out = executor.forward([SeqPass(0, PassKind.PREFILL, tuple(ids[0]), 0),
-                                SeqPass(1, PassKind.PREFILL, tuple(ids[1]), 0, num_logits=2)])
+        out = [o.logits for o in executor.forward([SeqPass(0, PassKind.PREFILL, tuple(ids[0]), 0),
+                                                   SeqPass(1, PassKind.PREFILL, tuple(ids[1]), 0, num_logits=2)])]
         for sid, prompt in enumerate(ids):
             lm.cache.set_length(sid, len(prompt))
-        out += executor.forward([SeqPass(0, PassKind.DRAFT, (9, 3, 3, 3), 8, num_logits=4, use_lora=True),
-                                 SeqPass(1, PassKind.DECODE, (11,), 5)])
+        out += [o.logits for o in executor.forward([SeqPass(0, PassKind.DRAFT, (9, 3, 3, 3), 8, num_logits=4,
+                                                            use_lora=True), SeqPass(1, PassKind.DECODE, (11,), 5)])]
         logits[name] = out
     for i, (got, want) in enumerate(zip(logits["triton"], logits["reference"])):
         assert_close(got, want, 1e-4, f"logits of pass {i}")

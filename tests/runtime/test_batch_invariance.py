@@ -34,11 +34,11 @@ def _decode_and_verify_logits(lm: TriModeLM, prompt: list[int], tokens: list[int
             cache.set_length(sid, len(prompt))
         decoded = []
         for j, t in enumerate(tokens):
-            decoded.append(ex.forward([SeqPass(ids[0], PassKind.DECODE, (t,), len(prompt) + j)])[0][-1])
+            decoded.append(ex.forward([SeqPass(ids[0], PassKind.DECODE, (t,), len(prompt) + j)])[0].logits[-1])
             cache.set_length(ids[0], len(prompt) + j + 1)
         passes = [SeqPass(sid, PassKind.PREFILL, tuple(o), 0) for sid, o in zip(ids[2:], others)]
         passes.insert(company // 2, SeqPass(ids[1], PassKind.VERIFY, tuple(tokens), len(prompt), num_logits=n))
-        verified = ex.forward(passes)[company // 2]
+        verified = ex.forward(passes)[company // 2].logits
         return torch.stack(decoded), verified
     finally:
         for sid in ids:

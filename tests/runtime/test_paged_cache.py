@@ -14,7 +14,7 @@ def _run(lm, passes):
     for p in passes:
         if p.kind.keeps_kv:
             lm.cache.reserve(p.seq_id, p.end_pos)
-    out = lm.executor.forward(passes)
+    out = [o.logits for o in lm.executor.forward(passes)]
     for p in passes:
         if p.kind.keeps_kv:
             lm.cache.set_length(p.seq_id, p.end_pos)

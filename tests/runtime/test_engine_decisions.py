@@ -1,0 +1,145 @@
+"""Engines that decide (docs/kernels.md "Engines that decide"): greedy passes take ``draft_verify`` /
+``confidence_unmask``'s decisions instead of logits. The tokens, and every counter, equal those of the same
+engine returning logits, in every mode, batch 1 and 4, on random checkpoints and the shipped tiny-kjv; a greedy
+step hands the host a few bytes per sequence instead of its logits; sampled passes still get logits.
+
+The onnxruntime executor's graphs are compared the same way in tests/builder/test_build_onnx_executor.py.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from trimode.runtime.passes import PassKind, PassOutput, SeqPass, split_outputs
+
+from conftest import make_lm, random_prompts
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "tiny-kjv"
+MODES = {
+    "ar": lambda lm, p, n: lm.ar_generate(p, max_new_tokens=n, eos_token_ids=()),
+    "diffusion-threshold": lambda lm, p, n: lm.generate(p, max_new_tokens=n, block_length=8, threshold=0.2,
+                                                        eos_token_ids=()),
+    "diffusion-topk": lambda lm, p, n: lm.generate(p, max_new_tokens=n, block_length=8, policy="topk",
+                                                   eos_token_ids=()),
+    "diffusion-leftmost": lambda lm, p, n: lm.generate(p, max_new_tokens=n, block_length=4, policy="leftmost",
+                                                       eos_token_ids=()),
+    "spec": lambda lm, p, n: lm.linear_spec_generate(p, max_new_tokens=n, block_length=8, eos_token_ids=()),
+    "spec-threshold": lambda lm, p, n: lm.linear_spec_generate(p, max_new_tokens=n, block_length=8, threshold=0.3,
+                                                               eos_token_ids=()),
+    "fused_spec": lambda lm, p, n: lm.fused_spec_generate(p, max_new_tokens=n, block_length=8, eos_token_ids=()),
+    "auto": lambda lm, p, n: lm.run([lm.request(q, n, _auto(), eos_token_ids=()) for q in p]),
+}
+
+
+def _auto():
+    from trimode.runtime.request import mode_config
+
+    return mode_config("auto", 8)
+
+
+def _summary(results):
+    return [(r.token_ids, r.forwards, r.accepted_lengths, r.revealed_per_step, r.finish_reason) for r in results]
+
+
+def decided_and_not(lm, run, prompts, n):
+    """(outputs with decisions, outputs with logits, output bytes of each run)."""
+    out = {}
+    for decide in (True, False):
+        lm.engine.decide = decide
+        before = lm.executor.output_bytes
+        out[decide] = (_summary(run(lm, prompts, n)), lm.executor.output_bytes - before)
+    lm.engine.decide = True
+    return out[True], out[False]
+
+
+@pytest.mark.parametrize("variant", ["gqa2-yarn-lora", "mha-default-rope", "gqa4-yarn-qscale"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decisions_equal_logits_in_every_mode(checkpoints, variant, batch):
+    lm = make_lm(checkpoints[variant])
+    assert lm.executor.decides and lm.engine.decide
+    prompts = random_prompts([9, 3, 14, 6][:batch], seed=batch)
+    for mode, run in MODES.items():
+        (decided, decided_bytes), (logits, logits_bytes) = decided_and_not(lm, run, prompts, 20)
+        assert decided == logits, (variant, batch, mode)
+        assert decided_bytes * 50 < logits_bytes, (mode, decided_bytes, logits_bytes)
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="the shipped tiny-kjv is not in this checkout")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decisions_equal_logits_on_tiny_kjv(batch):
+    lm = make_lm(str(SHIPPED), page_size=16, num_pages=64)
+    prompts = [lm.encode(t) for t in ("In the beginning God created", "And the LORD said unto Moses,",
+                                      "Blessed are the poor in spirit:", "The LORD is my shepherd;")][:batch]
+    for mode, run in MODES.items():
+        (decided, _), (logits, _) = decided_and_not(lm, run, prompts, 24)
+        assert decided == logits, (batch, mode)
+
+
+def test_a_greedy_verify_step_moves_eight_bytes_per_sequence_not_its_logits(ckpt):
+    """Bytes handed to the host by one verify forward of 4 sequences (block 8): with decisions 4 x (accepted +
+    bonus) = 32; with logits 4 x 8 rows x V x 4 bytes."""
+    lm = make_lm(ckpt)
+    vocab, block = lm.config.vocab_size, 8
+    prompts = random_prompts([9, 3, 14, 6], seed=3)
+    cache, ex = lm.cache, lm.executor
+    for sid, prompt in enumerate(prompts):
+        cache.add_sequence(sid)
+        cache.reserve(sid, len(prompt) + block)
+    try:
+        ex.forward([SeqPass(sid, PassKind.PREFILL, tuple(p), 0) for sid, p in enumerate(prompts)])
+        moved = {}
+        for decide in (True, False):
+            verify = [SeqPass(sid, PassKind.VERIFY, tuple(range(5, 5 + block)), len(p), num_logits=block,
+                              decide=decide) for sid, p in enumerate(prompts)]
+            before = ex.output_bytes
+            out = ex.forward(verify)
+            moved[decide] = ex.output_bytes - before
+            assert all((o.logits is None) == decide for o in out)
+        assert moved[True] == 4 * 8
+        assert moved[False] == 4 * block * vocab * 4
+    finally:
+        for sid in range(len(prompts)):
+            cache.free(sid)
+
+
+def test_sampled_passes_still_get_logits_and_greedy_ones_in_the_same_batch_decide(ckpt):
+    lm = make_lm(ckpt)
+    prompts = random_prompts([9, 5], seed=7)
+    seen: list[list[SeqPass]] = []
+    forward = lm.executor.forward
+
+    def spy(passes):
+        seen.append(list(passes))
+        return forward(passes)
+
+    lm.executor.forward = spy
+    greedy = lm.request(prompts[0], 12, _spec(), eos_token_ids=())
+    sampled = lm.request(prompts[1], 12, _spec(), temperature=0.8, seed=1, eos_token_ids=())
+    lm.run([greedy, sampled])
+    by_seq: dict[int, set[bool]] = {}
+    for passes in seen:
+        for p in passes:
+            by_seq.setdefault(p.seq_id, set()).add(p.decide)
+    assert sorted(by_seq.values(), key=len) == [{True}, {False}]  # one sequence always decided, one never
+    assert any(len({p.seq_id for p in passes}) == 2 for passes in seen)  # and they shared forwards
+
+
+def _spec():
+    from trimode.runtime.request import mode_config
+
+    return mode_config("spec", 8)
+
+
+def test_split_outputs_assigns_rows_and_decisions_in_pass_order():
+    import torch
+
+    passes = [SeqPass(0, PassKind.DECODE, (5,), 3, decide=True),
+              SeqPass(1, PassKind.VERIFY, (1, 2, 3), 7, num_logits=3),
+              SeqPass(2, PassKind.DRAFT, (9, 9, 9), 4, num_logits=3, decide=True, decide_rows=(0, 2)),
+              SeqPass(3, PassKind.VERIFY, (1, 2), 7, num_logits=2, decide=True)]
+    logits = torch.arange(12.0).view(3, 4)
+    out = split_outputs(passes, logits, [1, 2], [7, 8], [4, 5], [0.5, 0.25])
+    assert out[0] == PassOutput(accepted=1, bonus=7) and out[3] == PassOutput(accepted=2, bonus=8)
+    assert torch.equal(out[1].logits, logits)
+    assert out[2].tokens.tolist() == [4, 5] and out[2].confidence.tolist() == [0.5, 0.25]
+    assert [o.num_bytes for o in out] == [8, 48, 16, 8]

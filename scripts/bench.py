@@ -15,11 +15,18 @@ Writes results.json and a PNG plot into --out; the last stdout line is the JSON 
 (runtime.settings.ThreadPlan): both libraries' defaults (torch's and onnxruntime's pools at the machine's thread
 count, onnxruntime's threads spinning between runs: what happens when nothing coordinates them), the plan at
 the machine's thread count, and the runtime's default plan.
+
+--host-bytes compares, per executor, mode, block and batch, greedy decoding with the engines' decisions
+(docs/kernels.md "Engines that decide") against the same engine returning logits: the bytes handed to the host per
+step and per greedy verify step (one verify forward of the batch, measured directly), tokens/s of each (best of
+--repeats, interleaved), and whether the tokens are the same; plus the bytes per verify step computed for
+NLD-8B's vocabulary at each block.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import random
@@ -123,7 +130,7 @@ def run_one(lm, prompts: list[str], mode, batch: int, max_new_tokens: int, repea
             "mean_accepted_length": sum(accepted) / len(accepted) if accepted else None,
             "tokens_per_s": tokens / elapsed, "wall_s": elapsed,
             "distinct_4gram": sum(distinct_4grams(r.token_ids) for r in results) / len(results),
-            "sample": results[0].text}
+            "sample": results[0].text, "digest": hashlib.sha256(str([r.token_ids for r in results]).encode()).hexdigest()[:16]}
 
 
 def engine_dir_for(args: argparse.Namespace) -> Path:
@@ -185,6 +192,74 @@ def thread_plans(args: argparse.Namespace, sets: dict[str, list[str]]) -> list[d
     return rows
 
 
+NLD_8B_VOCAB = 131072  # spec/model.md, the 3B / 8B / 14B configs
+
+
+def verify_step_bytes(lm, batch: int, block: int) -> dict[bool, int]:
+    """Bytes one greedy verify forward of ``batch`` sequences of ``block`` tokens hands the host, with the engine's
+    decision and with logits (the executor's ``output_bytes``)."""
+    from trimode.runtime.passes import PassKind, SeqPass
+
+    cache, ex, prompt = lm.cache, lm.executor, tuple(range(5, 21))
+    ids = [2_000_000 + i for i in range(batch)]
+    for sid in ids:
+        cache.add_sequence(sid)
+        cache.reserve(sid, len(prompt) + block)
+    try:
+        ex.forward([SeqPass(sid, PassKind.PREFILL, prompt, 0) for sid in ids])
+        out = {}
+        for decide in (True, False):
+            before = ex.output_bytes
+            ex.forward([SeqPass(sid, PassKind.VERIFY, prompt[:block], len(prompt), num_logits=block, decide=decide)
+                        for sid in ids])
+            out[decide] = ex.output_bytes - before
+        return out
+    finally:
+        for sid in ids:
+            cache.free(sid)
+
+
+def host_bytes(args: argparse.Namespace, sets: dict[str, list[str]]) -> list[dict]:
+    """The --host-bytes comparison (module docstring), one row per executor, mode configuration and batch."""
+    rows = []
+    prompts = sets["free"][:args.num_prompts]
+    for executor in args.executor:
+        lm = open_runtime(args, executor)
+        assert lm.executor.decides, f"the {executor} executor here does not decide"
+        for _, _, mode in configurations(args.blocks[:1], args.modes):  # warm-up every code path both ways
+            for decide in (True, False):
+                lm.engine.decide = decide
+                lm.run([lm.request(prompts[0], 16, mode)])
+        for mode_name, params, mode in configurations(args.blocks, args.modes):
+            for batch in args.batches:
+                best, moved, tokens = {}, {}, {}
+                for _ in range(args.repeats):
+                    for decide in (False, True):
+                        lm.engine.decide = decide
+                        before, steps = lm.executor.output_bytes, lm.engine.num_steps
+                        m = run_one(lm, prompts, mode, batch, args.max_new_tokens, 1)
+                        moved[decide] = (lm.executor.output_bytes - before) / (lm.engine.num_steps - steps)
+                        best[decide] = max(best.get(decide, 0.0), m["tokens_per_s"])
+                        tokens[decide] = m["digest"]
+                lm.engine.decide = True
+                label = mode_name + "".join(f" {k}={v}" for k, v in params.items())
+                row = {"executor": executor, "mode": mode_name, **params, "label": label, "batch": batch,
+                       "bytes_per_step_logits": moved[False], "bytes_per_step_decided": moved[True],
+                       "tokens_per_s_logits": best[False], "tokens_per_s_decided": best[True],
+                       "speedup": best[True] / best[False], "same_tokens": tokens[True] == tokens[False]}
+                if "block" in params:
+                    step = verify_step_bytes(lm, batch, params["block"])
+                    row.update(verify_step_bytes_logits=step[False], verify_step_bytes_decided=step[True])
+                rows.append(row)
+                print(f"{executor:11s} b={batch} {label:28s} bytes/step {moved[False]:10.0f} -> {moved[True]:6.0f}  "
+                      f"tok/s {best[False]:7.1f} -> {best[True]:7.1f} (x{row['speedup']:.2f})  same tokens: "
+                      f"{row['same_tokens']}", flush=True)
+    for block in args.blocks:
+        rows.append({"executor": "computed", "model": "NLD-8B", "block": block, "batch": 1,
+                     "verify_step_bytes_logits": block * NLD_8B_VOCAB * 4, "verify_step_bytes_decided": 8})
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -233,6 +308,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
     ap.add_argument("--modes", nargs="+", choices=["diffusion", "spec", "fused_spec"], default=None,
                     help="besides AR, only these modes (default: all)")
+    ap.add_argument("--host-bytes", action="store_true",
+                    help="compare the engines' decisions with logits: bytes to the host per step, tokens/s")
     ap.add_argument("--pass-costs", action="store_true",
                     help="also measure c(T)/c(1) of the passes spec and fused spec run at each block and batch")
     args = ap.parse_args()
@@ -240,8 +317,8 @@ def main() -> int:
     import torch
 
     sets = prompt_sets(args.num_prompts, args.prompt_verses, args.seed)
-    if args.thread_plans:
-        rows = thread_plans(args, sets)
+    if args.thread_plans or args.host_bytes:
+        rows = thread_plans(args, sets) if args.thread_plans else host_bytes(args, sets)
         print(json.dumps({"command": " ".join(["scripts/bench.py", *sys.argv[1:]]),
                           "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}

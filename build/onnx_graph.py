@@ -3,22 +3,30 @@
 The graph computes ``runtime/model/network.py``'s forward over the shared paged KV cache, with the interface every
 executor binds (names fixed here, shapes symbolic):
 
-| input            | type / shape                        | kinds          |
-|------------------|-------------------------------------|----------------|
-| `input_ids`      | int64 [T]                           | all            |
-| `positions`      | int64 [T]                           | all            |
-| `block_tables`   | int32 [N, max_pages] (padding -1)   | all            |
-| `context_lens`   | int32 [N]                           | all            |
-| `query_start`    | int32 [N + 1]                       | all            |
-| `logits_index`   | int64 [R] (rows whose logits return)| all            |
-| `lora_mask`      | float [T] (1 = drafter LoRA on)     | draft          |
-| `slot_mapping`   | int64 [T] (page * page_size + row)  | kept kinds     |
-| `k_pool.{l}` / `v_pool.{l}` | float [P, page_size, Hkv, D] | all        |
-| `is_causal`      | bool scalar                         | unified only   |
+| input                       | type / shape                         | kinds                  |
+|-----------------------------|--------------------------------------|------------------------|
+| `input_ids`                 | int64 [T]                            | all                    |
+| `positions`                 | int64 [T]                            | all                    |
+| `block_tables`              | int32 [N, max_pages] (padding -1)    | all                    |
+| `context_lens`              | int32 [N]                            | all                    |
+| `query_start`               | int32 [N + 1]                        | all                    |
+| `logits_index`              | int64 [R] (rows whose logits return) | all                    |
+| `lora_mask`                 | float [T] (1 = drafter LoRA on)      | draft                  |
+| `slot_mapping`              | int64 [T] (page * page_size + row)   | kept kinds             |
+| `k_pool.{l}` / `v_pool.{l}` | float [P, page_size, Hkv, D]         | all                    |
+| `is_causal`                 | bool scalar                          | unified only           |
+| `decide_index`              | int64 [Q] (rows the decisions read)  | all (tp 1)             |
+| `verify_gather`             | int64 [Nd * Bd]                      | causal, unified (tp 1) |
+| `draft_tokens`              | int32 [Nd, Bd - 1] (padding -1)      | causal, unified (tp 1) |
+| `draft_lens`                | int32 [Nd]                           | causal, unified (tp 1) |
 
-Outputs: ``logits`` float [R, V]; kept kinds also ``k_pool_out.{l}`` / ``v_pool_out.{l}``, the updated pools:
+Outputs: ``logits`` float [R, V]; at tensor-parallel size 1 the decisions (``build/onnx_decisions.py``): causal
+kinds ``accepted`` / ``bonus`` int32 [Nd] (``draft_verify`` greedy), the draft kind ``unmask_tokens`` int32 [Q] /
+``unmask_confidence`` float [Q] (``confidence_unmask``), the unified graph all four; kept kinds also
+``k_pool_out.{l}`` / ``v_pool_out.{l}``, the updated pools:
 the runtime binds them to the same memory as ``k_pool.{l}`` (in place; the pool is never copied). One input
 per layer lets every executor bind a slice of the runtime's one ``[layers, pages, ...]`` pool by address.
+``logits_index`` and the decision inputs may be empty (R, Q, Nd = 0; Bd - 1 = 0 for passes without drafts).
 
 Forms: ``plugin`` (attention and KV append are ``trimode`` plugin nodes, docs/kernels.md) for TensorRT, and
 ``reference`` (the same two ops decomposed into standard ONNX ops: each sequence's prefix gathered once per layer
@@ -41,6 +49,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from trimode.build.onnx_decisions import add_decision_tail, decision_io
 from trimode.build.plugin_ops import (COLLECTIVE_OPSET, PLUGIN_NAMESPACE, collective_node, plugin_attributes,
                          register_onnx_schemas)
 from trimode.runtime.executors.engine_kinds import ENGINE_KINDS
@@ -50,8 +59,10 @@ from trimode.runtime.model.rope import rope_frequencies
 
 OPSET = 21
 # The graphs' version: part of a build's key (build/pipeline.py), so engine directories written with other graphs
-# are rebuilt. 2: the reference form gathers each sequence's prefix once per layer (1: once per token).
-GRAPH_VERSION = 2
+# are rebuilt. 2: the reference form gathers each sequence's prefix once per layer (1: once per token). 3: the
+# decision tail (decide_index, verify_gather, draft_tokens, draft_lens -> accepted / bonus, unmask_tokens /
+# unmask_confidence; build/onnx_decisions.py).
+GRAPH_VERSION = 3
 FLOAT = TensorProto.FLOAT
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -358,6 +369,8 @@ class GraphBuilder:
         rows = self.rms_norm(g.op("Gather", [h, "logits_index"]), "encoder.norm.weight")
         logits = self.linear(rows, "diffusion_head")
         g.op("Identity", [logits], outputs=["logits"])
+        if self.tp_size == 1:  # under --tp a rank holds a vocabulary slice: it cannot decide
+            add_decision_tail(self, h)
         return self._model()
 
     def _model(self) -> onnx.ModelProto:
@@ -378,6 +391,10 @@ class GraphBuilder:
         for i in range(cfg.num_hidden_layers):
             inputs += [vi(f"k_pool.{i}", FLOAT, pool), vi(f"v_pool.{i}", FLOAT, pool)]
         outputs = [vi("logits", FLOAT, ["R", self.vocab])]  # under --tp: this rank's vocabulary slice
+        if self.tp_size == 1:
+            decision_inputs, decision_outputs = decision_io(self.kind, self.is_causal)
+            inputs += decision_inputs
+            outputs += decision_outputs
         if self.keeps_kv:
             for i in range(cfg.num_hidden_layers):
                 outputs += [vi(f"k_pool_out.{i}", FLOAT, pool), vi(f"v_pool_out.{i}", FLOAT, pool)]

@@ -27,10 +27,11 @@ def plugin_attributes(op: str) -> dict[str, str]:
 
 
 def register_onnx_schemas() -> None:
-    """Register ``trimode::paged_attention`` and ``trimode::kv_append`` with onnx (idempotent)."""
+    """Register ``trimode::paged_attention``, ``kv_append``, ``draft_verify`` (greedy) and ``confidence_unmask``
+    and the default-domain ``DistCollective`` with onnx (idempotent)."""
     from onnx import defs
 
-    if defs.has("paged_attention", PLUGIN_NAMESPACE):
+    if defs.has("confidence_unmask", PLUGIN_NAMESPACE):
         return
     P = defs.OpSchema.FormalParameter
     A = defs.OpSchema.Attribute
@@ -63,8 +64,23 @@ def register_onnx_schemas() -> None:
                     A("root", AT.INT, "-1: no root"), A("nb_rank", AT.INT, "ranks"),
                     A("group_size", AT.INT, "ranks", required=False),
                     A("groups", AT.INTS, "participating ranks", required=False)])
-    defs.register_schema(attention)
-    defs.register_schema(append)
+    mask_id = A("mask_token_id", AT.INT, "excluded from the argmax")
+    verify = defs.OpSchema(
+        "draft_verify", PLUGIN_NAMESPACE, 1, "Greedy acceptance of draft tokens (docs/kernels.md).",
+        inputs=[P("draft_tokens", "tensor(int32)", "[num_seqs, B - 1]"), P("target_logits", "T", "[num_seqs, B, V]"),
+                P("draft_lens", "tensor(int32)", "[num_seqs]")],
+        outputs=[P("accepted", "tensor(int32)", "[num_seqs] matched drafts + 1"),
+                 P("bonus", "tensor(int32)", "[num_seqs] target token after the last match")],
+        type_constraints=[("T", FLOAT_TYPES, "logits")], attributes=[mask_id, *plugin_attrs])
+    unmask = defs.OpSchema(
+        "confidence_unmask", PLUGIN_NAMESPACE, 1, "Argmax and its confidence per masked row (docs/kernels.md).",
+        inputs=[P("logits", "T", "[N, V]"), P("is_masked", "tensor(bool)", "[N], false: row not read")],
+        outputs=[P("tokens", "tensor(int32)", "[N] argmax, mask id excluded; -1 where not masked"),
+                 P("confidence", "tensor(float)", "[N] softmax of the raw logits at that token; 0 where not masked")],
+        type_constraints=[("T", FLOAT_TYPES, "logits")], attributes=[mask_id, *plugin_attrs])
+    for schema in (attention, append, verify, unmask):
+        if not defs.has(schema.name, PLUGIN_NAMESPACE):
+            defs.register_schema(schema)
     if not defs.has(TRT_COLLECTIVE):
         defs.register_schema(collective)
 

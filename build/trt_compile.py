@@ -71,7 +71,12 @@ def tensorrt_status(target: str = "hopper") -> tuple[bool, str]:
 
 
 def profile_shapes(kind: str, manifest_shapes: dict[str, int], num_layers: int) -> dict[str, tuple]:
-    """(min, opt, max) shapes of every dynamic input for the optimization profile of ``kind``."""
+    """(min, opt, max) shapes of every dynamic input for the optimization profile of ``kind``.
+
+    The logits rows and the decision inputs (``build/onnx_decisions.py``) start at 0: a forward may return no
+    logits and decide nothing. Decisions: ``decide_index`` up to the kind's tokens; causal kinds verify at most
+    one pass per sequence slot (``max_batch``) of at most ``block_length`` drafts (decode: none, its passes
+    have one token); a draft forward verifies nothing (its profile holds Nd = 0, Bd - 1 = 0)."""
     b, s, blk, page = (manifest_shapes[k] for k in ("max_batch", "max_seq", "block_length", "page_size"))
     t_min, t_opt, t_max = token_range(kind, b, s, blk)
     n_opt = max(1, b // 2)
@@ -83,8 +88,15 @@ def profile_shapes(kind: str, manifest_shapes: dict[str, int], num_layers: int) 
         "block_tables": ((1, 1), (n_opt, pages_per_seq), (b, pages_per_seq)),
         "context_lens": ((1,), (n_opt,), (b,)),
         "query_start": ((2,), (n_opt + 1,), (b + 1,)),
-        "logits_index": ((1,), (t_opt,), (t_max,)),
+        "logits_index": ((0,), (t_opt,), (t_max,)),
+        "decide_index": ((0,), (t_opt if kind in ("draft", "verify") else n_opt,), (t_max,)),
     }
+    # verified passes (Nd) and drafts per pass (W = Bd - 1): opt / max
+    nd_opt, nd_max = (0, 0) if kind == "draft" else (n_opt, b)
+    w_opt, w_max = {"draft": (0, 0), "decode": (0, 0), "prefill": (0, blk)}.get(kind, (blk, blk))
+    shapes.update({"draft_lens": ((0,), (nd_opt,), (nd_max,)),
+                   "draft_tokens": ((0, 0), (nd_opt, w_opt), (nd_max, w_max)),
+                   "verify_gather": ((0,), (nd_opt * (w_opt + 1),), (nd_max * (w_max + 1),))})
     heads = manifest_shapes.get("num_kv_heads_per_rank", manifest_shapes["num_kv_heads"])  # --tp: this rank's
     pool = lambda n: (n, page, heads, manifest_shapes["head_dim"])  # noqa: E731
     for layer in range(num_layers):

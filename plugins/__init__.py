@@ -11,7 +11,8 @@ from trimode.plugins.dispatch import BACKENDS, ENV_VAR, register_tensorrt_plugin
 # version, docs/kernels.md): the build writes them into the graphs and the manifest, the runtime refuses an
 # engine directory built with other versions. Bump an op's version whenever its inputs, outputs or semantics change.
 PLUGIN_NAMESPACE = "trimode"
-PLUGIN_VERSIONS = {"paged_attention": "1", "kv_append": "1"}
+PLUGIN_VERSIONS = {"paged_attention": "1", "kv_append": "1", "draft_verify": "1", "draft_verify_sampling": "1",
+                   "confidence_unmask": "1"}
 
 __all__ = ["BACKENDS", "ENV_VAR", "PLUGIN_NAMESPACE", "PLUGIN_VERSIONS", "register_tensorrt_plugins",
            "resolve_backend"]

@@ -33,12 +33,12 @@ from typing import Any
 from trimode.plugins import PLUGIN_NAMESPACE, PLUGIN_VERSIONS
 from trimode.plugins.signatures import FLOAT_TYPES_TRT, PLUGIN_ALIASES, PLUGIN_FIELDS, PLUGIN_SIGNATURES
 
-PLUGIN_VERSION = "1"  # of the ops PLUGIN_VERSIONS does not list (the decision ops)
-
 
 def plugin_version(op: str) -> str:
     """The version the exported graphs give ``op`` (``trimode.plugins.PLUGIN_VERSIONS``, declared once)."""
-    return PLUGIN_VERSIONS.get(op, PLUGIN_VERSION)
+    return PLUGIN_VERSIONS[op]
+
+
 OPS = tuple(PLUGIN_SIGNATURES)
 _TRT_TYPE = {"FP32": "FLOAT", "FP16": "HALF", "BF16": "BF16", "INT32": "INT32", "INT64": "INT64", "BOOL": "BOOL"}
 _REGISTERED: dict[int, list] = {}  # id(trt module) -> creators (kept alive: the registry holds raw pointers)
@@ -285,5 +285,5 @@ def register(trt: ModuleType) -> list:
     return creators
 
 
-__all__ = ["OPS", "PLUGIN_VERSION", "allowed_types", "as_torch", "output_types", "plugin_classes", "read_fields",
+__all__ = ["OPS", "allowed_types", "as_torch", "output_types", "plugin_classes", "read_fields",
            "register", "run_op"]

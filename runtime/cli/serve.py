@@ -1,9 +1,16 @@
 """The serving command line: ``trimode triton-repo`` (write a Triton model repository) and ``trimode serve``
 (start ``tritonserver`` on one and keep it running), also runnable alone as ``python -m trimode.runtime.serving``.
 
-    trimode triton-repo --model CKPT --out REPO [--num-pages N ...]
-    trimode serve --repo REPO        (or --model CKPT: a repository in a temp dir)
+    trimode triton-repo --model CKPT | --engine DIR --out REPO [--num-pages N ...]
+    trimode serve --repo REPO        (or --model CKPT / --engine DIR: a repository in a temp dir)
+    trimode serve --engine DIR [--executor auto|tensorrt|onnxruntime|torch]
     mpiexec -n N trimode serve --tp N --model CKPT     (tensor parallel: rank 0 serves, ranks 1..N-1 work)
+
+An engine directory (``scripts/build_engine.py``) is checked here first (``repository.check_engine``: a path that
+is not one is a one-line error, exit status 2); the served model loads it with ``TriModeLM.from_engine`` (executor
+``auto``: TensorRT where its plans can run in the backend process, else onnxruntime; unset ``--num-pages`` /
+``--page-size`` / ``--max-concurrent-requests``: the engine's build-time limits). ``serve`` puts TensorRT-RTX's
+library link directory on tritonserver's loader path when TensorRT-RTX is installed (``tensorrt_library_dirs``).
 
 The repository is written by ``runtime.serving.repository``, the server run by ``runtime.serving.server``; the
 runtime settings' options come from ``runtime.settings``.
@@ -20,8 +27,9 @@ import sys
 import tempfile
 import time
 
+from trimode.plugins import tensorrt_libs
 from trimode.runtime import settings
-from trimode.runtime.serving.repository import DEFAULT_MODEL_NAME, write_repository
+from trimode.runtime.serving.repository import DEFAULT_MODEL_NAME, ENGINE_EXECUTORS, write_repository
 from trimode.runtime.serving.server import ENV_VAR, ServingError, TritonServer
 
 # the runtime settings a served model takes from the command line (the Triton parameters of the same names)
@@ -32,7 +40,9 @@ def _add_repo_options(p: argparse.ArgumentParser) -> None:
     """The repository options of ``triton-repo`` and ``serve``; the runtime settings' options (names, defaults,
     choices) are ``runtime.settings.add_arguments``' (``--max-concurrent-requests`` lands in ``max_batch_size``)."""
     p.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name in the repository (default: trimode)")
-    settings.add_arguments(p, names=REPO_SETTINGS[:3])  # --num-pages, --page-size, --max-concurrent-requests
+    # --num-pages, --page-size, --max-concurrent-requests; not given: the defaults for a checkpoint, the engine's
+    # build-time limits for an engine directory
+    settings.add_arguments(p, names=REPO_SETTINGS[:3], unset=True)
     p.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before rejecting")
     p.add_argument("--kv-admission", choices=["reserve", "greedy"], default="reserve",
                    help="reserve: admit only what fits in the worst case (default); greedy: admit at once, fail "
@@ -40,7 +50,12 @@ def _add_repo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=64)
     p.add_argument("--default-mode", choices=["ar", "diffusion", "spec"], default="spec")
-    settings.add_arguments(p, names=REPO_SETTINGS[3:])  # --dtype, --executor, --threads (in this order in --help)
+    settings.add_arguments(p, names=("dtype",))
+    p.add_argument("--executor", default=None, metavar="EXECUTOR",
+                   help=f"with --model: a registered executor (default {settings.DEFAULTS.executor}); with --engine: "
+                        f"{' | '.join(ENGINE_EXECUTORS)} (default auto: tensorrt where its plans can run in the "
+                        f"server, else onnxruntime; torch: the engine's checkpoint)")
+    settings.add_arguments(p, names=("threads",))
     p.add_argument("--max-block-length", type=int, default=0,
                    help="largest block_length a request may ask (0: the checkpoint's block_size)")
     p.add_argument("--max-prompt-bytes", type=int, default=0,
@@ -48,7 +63,8 @@ def _add_repo_options(p: argparse.ArgumentParser) -> None:
                         "the KV budget and the vocabulary)")
     p.add_argument("--instance-count", type=int, default=1,
                    help="model instances; each owns its own runtime and KV cache (default 1)")
-    p.add_argument("--copy-model", action="store_true", help="copy the checkpoint into the repository")
+    p.add_argument("--copy-model", action="store_true",
+                   help="copy the checkpoint (or the whole engine directory) into the repository")
 
 
 def _repo_kwargs(args: argparse.Namespace) -> dict:
@@ -62,10 +78,15 @@ def _repo_kwargs(args: argparse.Namespace) -> dict:
                 max_prompt_bytes=args.max_prompt_bytes)
 
 
+ENGINE_HELP = "an engine directory (scripts/build_engine.py --out); its manifest is checked first"
+
+
 def add_subparsers(sub) -> None:
     """Register ``triton-repo`` and ``serve`` on an ``add_subparsers()`` object; each sets ``handler``."""
-    r = sub.add_parser("triton-repo", help="write a Triton model repository for a checkpoint")
-    r.add_argument("--model", required=True, help="checkpoint directory")
+    r = sub.add_parser("triton-repo", help="write a Triton model repository for a checkpoint or an engine directory")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory")
+    src.add_argument("--engine", help=ENGINE_HELP)
     r.add_argument("--out", required=True, help="repository directory to write")
     _add_repo_options(r)
     r.set_defaults(handler=triton_repo_command)
@@ -74,6 +95,7 @@ def add_subparsers(sub) -> None:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--repo", help="a model repository (from triton-repo)")
     src.add_argument("--model", help="a checkpoint: serve it from a repository written to a temp dir")
+    src.add_argument("--engine", help=ENGINE_HELP + ": serve it from a repository written to a temp dir")
     s.add_argument("--http-port", type=int, default=None, help="default: a free port")
     s.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
     s.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
@@ -97,15 +119,57 @@ def add_subparsers(sub) -> None:
     s.set_defaults(handler=serve_command)
 
 
+def tensorrt_library_dirs() -> list[str]:
+    """The directories tritonserver's loader path needs for the backend to load TensorRT-RTX plans in-process
+    (its stub cannot re-execute itself as ``trimode generate`` does): ``tensorrt_libs.link_dir()`` when
+    TensorRT-RTX's libraries are installed, else none."""
+    try:
+        return [str(tensorrt_libs.link_dir())]
+    except (tensorrt_libs.TensorRTUnavailable, OSError):
+        return []
+
+
+def _write_source_repository(out: str, args: argparse.Namespace, **extra):
+    """``write_repository`` for ``--model`` or ``--engine``; a source the runtime refuses (not a checkpoint, not
+    a finished engine build, limits beyond the engine's) is printed as one line naming the option, and returns
+    None."""
+    from trimode.runtime.executors.engine_dir import EngineDirError
+    from trimode.runtime.model.hf_format import CheckpointError
+
+    engine = getattr(args, "engine", None)
+    try:
+        if engine is not None:
+            return write_repository(out, engine_dir=engine, **_repo_kwargs(args), **extra)
+        return write_repository(out, args.model, **_repo_kwargs(args), **extra)
+    except (CheckpointError, EngineDirError) as e:
+        print(f"trimode: error: {'--engine' if engine is not None else '--model'}: {e}", file=sys.stderr, flush=True)
+        return None
+
+
 def triton_repo_command(args: argparse.Namespace) -> int:
-    """``triton-repo``: write the repository, print ``{"repository": ..., "model": ...}`` as JSON; returns 0."""
-    out = write_repository(args.out, args.model, **_repo_kwargs(args))
+    """``triton-repo``: write the repository, print ``{"repository": ..., "model": ...}`` as JSON; returns 0 (2
+    for a ``--model`` / ``--engine`` the runtime refuses)."""
+    out = _write_source_repository(args.out, args)
+    if out is None:
+        return 2
     print(json.dumps({"repository": str(out), "model": args.name}))
     return 0
 
 
+def _check_tensorrt(args: argparse.Namespace) -> None:
+    """``--engine DIR --executor tensorrt``: refuse at once (``ServingError``) plans that cannot run here."""
+    if getattr(args, "engine", None) is not None and args.executor == "tensorrt":
+        from trimode.runtime.executors.trt_executor import tensorrt_runnable
+
+        runnable, why = tensorrt_runnable(args.engine, need_loader_path=False)  # the launcher gives the loader path
+        if not runnable:
+            raise ServingError(f"--executor tensorrt cannot run {args.engine} here: {why} (--executor onnxruntime "
+                               f"runs its reference graphs on any CPU)")
+
+
 def serve_command(args: argparse.Namespace) -> int:
-    """``serve``: start tritonserver (on ``--repo``, or on a temp repository written for ``--model``), print its
+    """``serve``: start tritonserver (on ``--repo``, or on a temp repository written for ``--model`` or
+    ``--engine``; a source the runtime refuses is one line on stderr and exit status 2), print its
     URLs as one JSON line, run until SIGINT/SIGTERM (or at once with ``--check``), stop it (in-flight streams end
     with "the server is shutting down"; see ``TritonServer.stop``) and print a JSON line ``{"stopped": ...}``.
     While running, readiness is checked every ``--health-interval`` s; a server that exits, or is not ready for
@@ -121,7 +185,16 @@ def serve_command(args: argparse.Namespace) -> int:
     if repo is None:
         tmp = tempfile.mkdtemp(prefix=f"trimode-repo-{os.getpid()}-")  # removed by a later start if we die
         extra = dict(tp=args.tp, tp_master=tp_master, tp_timeout=args.tp_timeout) if tp_master else {}
-        repo = write_repository(tmp, args.model, **_repo_kwargs(args), **extra)
+        try:
+            repo = _write_source_repository(tmp, args, **extra)
+            if repo is not None:
+                _check_tensorrt(args)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if repo is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return 2
     stop = {"now": False, "started": False}
 
     def on_signal(signum, _frame) -> None:
@@ -132,7 +205,8 @@ def serve_command(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     server = TritonServer(repo, args.triton_env, args.http_port, args.grpc_port, args.metrics_port,
                           args.log_file, args.log_verbose, args.startup_timeout, exit_timeout=args.exit_timeout,
-                          kill_grace=args.kill_grace, model=args.name if repo != args.repo else None)
+                          kill_grace=args.kill_grace, model=args.name if repo != args.repo else None,
+                          library_dirs=tensorrt_library_dirs())
     failure = None
     try:
         try:
@@ -192,7 +266,8 @@ def _tensor_parallel_launch(args: argparse.Namespace) -> str | None:
     from trimode.runtime.parallel.sharding import check_tensor_parallel
 
     if args.repo is not None or args.model is None:
-        raise ServingError("--tp serves a checkpoint: give --model (every rank loads its shard of it)")
+        raise ServingError("--tp serves a checkpoint: give --model (every rank loads its shard of it), not "
+                           "--repo or --engine")
     try:
         check_tensor_parallel(load_config(args.model), args.tp)
     except (CheckpointError, TensorParallelConfigError) as e:

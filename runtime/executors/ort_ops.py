@@ -1,6 +1,7 @@
 """The plugin ops' contrib form for onnxruntime: Python implementations, through onnxruntime-extensions, of
-``paged_attention`` and ``kv_append`` (the plugins' torch references) and of the tensor-parallel all-reduce of
-the reference-form graphs (this process's ``TPComm``).
+``paged_attention``, ``kv_append`` and the decision ops ``draft_verify`` (greedy) and ``confidence_unmask`` (the
+plugins' torch references) and of the tensor-parallel all-reduce of the reference-form graphs (this process's
+``TPComm``). ``confidence_unmask`` takes its ``is_masked`` input as bool (``PyCustomOpDef.dt_bool``).
 
 The onnxruntime executor registers them for ``--tp`` engine directories (their reference graphs all-reduce
 through a contrib op); ``trimode.build.plugin_ops.contrib_session`` uses them to run the very plugin-form graph
@@ -57,10 +58,13 @@ def _register_ort_contrib_ops() -> None:
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
     # imported here: the kernel modules import Triton, which must not load before a test sets TRITON_INTERPRET
+    from trimode.plugins.confidence_unmask import confidence_unmask_reference
+    from trimode.plugins.draft_verify import draft_verify_greedy_reference
     from trimode.plugins.kv_append import kv_append_reference
     from trimode.plugins.paged_attention import paged_attention_reference
 
     f, i32, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64
+    boolean = PyCustomOpDef.dt_bool
 
     @onnx_op(op_type="paged_attention", inputs=[f, f, f, f, f, i32, i32, i32], outputs=[f],
              attrs={"is_causal": i64, "scale": f, "page_size": i64})
@@ -77,6 +81,23 @@ def _register_ort_contrib_ops() -> None:
         k_new, v_new, slots = (torch.from_numpy(np.ascontiguousarray(x)) for x in (k_new, v_new, slot_mapping))
         kv_append_reference(k_new, v_new, k_out, v_out, slots)
         return k_out.numpy(), v_out.numpy()
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        # onnxruntime hands empty inputs over with zero strides, which the ops' checks refuse: a fresh empty tensor
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        return t if t.numel() else torch.empty(t.shape, dtype=t.dtype)
+
+    @onnx_op(op_type="draft_verify", inputs=[i32, f, i32], outputs=[i32, i32], attrs={"mask_token_id": i64})
+    def _draft_verify(draft_tokens, target_logits, draft_lens, **attrs):
+        accepted, bonus = draft_verify_greedy_reference(tensor(draft_tokens), tensor(target_logits),
+                                                        tensor(draft_lens), int(attrs["mask_token_id"]))
+        return accepted.numpy(), bonus.numpy()
+
+    @onnx_op(op_type="confidence_unmask", inputs=[f, boolean], outputs=[i32, f], attrs={"mask_token_id": i64})
+    def _confidence_unmask(logits, is_masked, **attrs):
+        tokens, confidence = confidence_unmask_reference(tensor(logits), tensor(np.asarray(is_masked, dtype=bool)),
+                                                         int(attrs["mask_token_id"]))
+        return tokens.numpy(), confidence.float().numpy()
 
     @onnx_op(op_type=REFERENCE_ALL_REDUCE, inputs=[f], outputs=[f], attrs={"rank": i64, "world_size": i64})
     def _all_reduce(x, **attrs):

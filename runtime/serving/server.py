@@ -43,6 +43,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from trimode.runtime.serving.processes import SHM_DIR, die_with_parent, remove_stale_files
@@ -113,13 +114,14 @@ class TritonServer:
     model). Call ``start`` from a thread that lives as long as the server (the main thread): the server is
     killed when that thread ends. Raises ``ServingError`` (no repository, no backend environment, a server that
     exits or fails to load the model during startup, another server answering on our ports; the message carries
-    the log tail).
+    the log tail). ``library_dirs`` (those that exist) go on tritonserver's ``LD_LIBRARY_PATH``, which its
+    backend stubs inherit: ``trimode serve`` passes TensorRT-RTX's ``tensorrt_libs.link_dir()`` there.
     """
 
     def __init__(self, repo: str | Path, triton_env: str | Path | None = None, http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, log_file: str | Path | None = None,
                  log_verbose: int = 0, startup_timeout: float = 180.0, exit_timeout: int = 5,
-                 kill_grace: float = 5.0, model: str | None = None) -> None:
+                 kill_grace: float = 5.0, model: str | None = None, library_dirs: Sequence[str | Path] = ()) -> None:
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise ServingError(f"model repository {self.repo} does not exist")
@@ -129,6 +131,7 @@ class TritonServer:
         self.log_file, self.log_verbose = log_file, log_verbose
         self.startup_timeout, self.exit_timeout, self.kill_grace = startup_timeout, exit_timeout, kill_grace
         self.model = model or _model_name(self.repo)
+        self.library_dirs = [str(d) for d in library_dirs if Path(d).is_dir()]
         self.process: subprocess.Popen | None = None
         self.clean_exit: bool | None = None   # after stop: drained, unloaded, no crash (see stop)
         self.stop_report: dict = {}           # after stop: what stopping did and took (seconds)
@@ -179,8 +182,10 @@ class TritonServer:
         env["PATH"] = f"{self.env / 'bin'}{os.pathsep}{env.get('PATH', '')}"   # the stub's python3
         # the copied stub no longer finds the wheel's bundled libraries (cudart...) through its RPATH
         libs = Path(info["pytriton"]).parent / "nvidia_pytriton.libs"
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (info["libdir"], str(libs), env.get("LD_LIBRARY_PATH"))
-                                                 if p)
+        # library_dirs: e.g. where libtensorrt_rtx.so is (the backend stub loads TensorRT-RTX plans in-process and
+        # cannot re-execute itself with a loader path that it did not start with)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (info["libdir"], str(libs), *self.library_dirs,
+                                                             env.get("LD_LIBRARY_PATH")) if p)
         env.pop("PYTHONHOME", None)
         env.setdefault("OMP_NUM_THREADS", "1")
         env[DRAIN_TOKEN_ENV] = self._token

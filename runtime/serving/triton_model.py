@@ -1,5 +1,7 @@
 """The Triton Inference Server Python-backend model: one ``TriModeLM`` (one KV cache) behind one
-``EngineService`` loop, serving decoupled (streaming) requests in any mode with continuous batching.
+``EngineService`` loop, serving decoupled (streaming) requests in any mode with continuous batching. The runtime
+is a checkpoint's (``model_dir``) or an engine directory's (``engine_dir``: ``load_engine``, executor ``auto``
+being TensorRT where its plans can run in this process, else onnxruntime; the choice is logged and in ``stats``).
 
 A repository written by ``runtime.serving.repository`` holds a ``model.py`` that only re-exports
 ``TritonPythonModel`` from here, so the serving code is part of the installed package. Each Triton request is
@@ -156,6 +158,44 @@ def _exit_now() -> None:
     os._exit(1)
 
 
+# ---- loading ---------------------------------------------------------------------------------------------
+
+def _log_info(message: str) -> None:
+    try:
+        pb_utils.Logger.log_info(message)
+    except Exception:
+        print(message, flush=True)
+
+
+def engine_settings(params: dict) -> settings.RuntimeSettings:
+    """The runtime settings of an engine directory's parsed ``config.pbtxt`` parameters: only those given (not
+    0 or empty) are set, so that the engine's build-time limits size the rest (``RuntimeSettings.given``,
+    ``runtime.assembly.settings_within``); the executor is ``load_engine``'s."""
+    values = {field: params[name] for name, (_, _, field) in settings.TRITON_PARAMETERS.items()
+              if name in params and field != "executor"}
+    return settings.DEFAULTS.with_(**{k: v for k, v in values.items() if v not in (0, "")})
+
+
+def load_engine(engine_dir: Path, params: dict):
+    """The ``TriModeLM`` of an engine directory under the parsed ``params``: executor ``auto`` is tensorrt where
+    its plans can run in this process (TensorRT-RTX plans also need ``libtensorrt_rtx.so`` on the loader path
+    this process started with: the launcher puts it there), else onnxruntime; the choice and why is logged once.
+    Raises ``EngineDirError`` / ``EngineMismatch`` naming what the runtime refuses."""
+    from trimode.runtime.api import TriModeLM
+    from trimode.runtime.executors.trt_executor import tensorrt_runnable
+
+    executor, why = params["executor"], ""
+    if executor == "auto":
+        runnable, reason = tensorrt_runnable(engine_dir)
+        executor = "tensorrt" if runnable else "onnxruntime"
+        why = " (executor auto: the TensorRT plans)" if runnable else \
+            f" (executor auto: the reference graphs, since the TensorRT plans cannot run here: {reason})"
+    lm = TriModeLM.from_engine(engine_dir, executor=executor, settings=engine_settings(params),
+                               page_size=params["page_size"] or None)
+    _log_info(f"trimode: engine directory {engine_dir}: executor {lm.settings.executor}{why}")
+    return lm
+
+
 # ---- the model ------------------------------------------------------------------------------------------
 
 _METRICS = {
@@ -176,7 +216,8 @@ _METRICS = {
 
 class TritonPythonModel:
     """The Triton Python-backend model: ``initialize`` loads the runtime from the ``config.pbtxt`` parameters
-    (``ValueError`` naming a bad one), ``execute`` submits each request to the ``EngineService`` (bad requests
+    (a checkpoint, ``model_dir``, or an engine directory, ``engine_dir``: ``load_engine``; ``ValueError`` naming
+    a bad one), ``execute`` submits each request to the ``EngineService`` (bad requests
     get an error response), ``finalize`` stops the service and releases tensor-parallel workers."""
 
     def initialize(self, args: dict) -> None:
@@ -188,12 +229,16 @@ class TritonPythonModel:
             raise ValueError("the trimode model must use the decoupled transaction policy (streaming)")
         raw = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.params = p = parse_parameters(raw)
-        if not p["model_dir"]:
-            raise ValueError("config.pbtxt parameter model_dir is required")
-        model_dir = Path(p["model_dir"])
+        if bool(p["model_dir"]) == bool(p["engine_dir"]):
+            raise ValueError("config.pbtxt needs exactly one of the parameters model_dir (a checkpoint) and "
+                             "engine_dir (an engine directory)")
+        model_dir = Path(p["engine_dir"] or p["model_dir"])
         if not model_dir.is_absolute():  # relative to the model's version folder (a self-contained repository)
             model_dir = Path(args["model_repository"]) / args["model_version"] / model_dir
         self.comm, keepalive = None, None
+        if p["engine_dir"] and p["tp"] > 1:
+            raise ValueError("config.pbtxt: a tensor-parallel model (tp > 1) serves a checkpoint (model_dir), "
+                             "not an engine directory")
         if p["tp"] > 1:  # rank 0 of a tensor-parallel group; the workers are `trimode serve --tp N` ranks 1..N-1
             from trimode.runtime.parallel.comm import join_group
 
@@ -202,8 +247,10 @@ class TritonPythonModel:
                 raise ValueError(f"config.pbtxt parameter tp_master must be host:port, got {p['tp_master']!r}")
             self.comm = join_group(0, p["tp"], host, int(port), timeout_s=p["tp_timeout"])
             keepalive = p["tp_timeout"] / 4
-        # rank 0's shard under tensor parallelism, else the whole checkpoint
-        self.lm = TriModeLM.from_pretrained(model_dir, comm=self.comm, settings=settings.from_parameters(p))
+        if p["engine_dir"]:
+            self.lm = load_engine(model_dir, p)
+        else:  # rank 0's shard under tensor parallelism, else the whole checkpoint
+            self.lm = TriModeLM.from_pretrained(model_dir, comm=self.comm, settings=settings.from_parameters(p))
         self.limits = request_limits(self.lm, p)
         self.model_name = args.get("model_name", "trimode")
         self.instance_name = args.get("model_instance_name", self.model_name)
@@ -272,8 +319,8 @@ class TritonPythonModel:
             self._refuse(sender, str(e), "UNAVAILABLE")
 
     def _send_stats(self, sender) -> None:
-        stats = {**self.service.stats(), "model": self.model_name, "pid": os.getpid(), "server_pid": os.getppid(),
-                 "draining": self.service.draining}
+        stats = {**self.service.stats(), "model": self.model_name, "executor": self.lm.settings.executor,
+                 "pid": os.getpid(), "server_pid": os.getppid(), "draining": self.service.draining}
         tensors = [pb_utils.Tensor("text_output", np.array([b""], dtype=np.object_)),
                    pb_utils.Tensor("output_ids", np.zeros(0, dtype=np.int32)),
                    pb_utils.Tensor("finish_reason", np.array([b"stats"], dtype=np.object_)),

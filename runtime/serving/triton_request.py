@@ -64,7 +64,8 @@ INPUTS = ("text_input", "input_ids", "messages", "max_tokens", "mode", "block_le
 # runtime.settings.TRITON_PARAMETERS'.
 _SETTINGS = {name: (default, kind) for name, (default, kind, _) in TRITON_PARAMETERS.items()}
 PARAMETERS = {
-    "model_dir": ("", str),
+    "model_dir": ("", str),      # a checkpoint, or:
+    "engine_dir": ("", str),     # an engine directory (scripts/build_engine.py); exactly one of the two is set
     **{name: _SETTINGS[name] for name in ("dtype", "executor", "num_pages", "page_size", "max_concurrent_requests",
                                           "threads")},
     "max_queued_requests": ("1024", int),

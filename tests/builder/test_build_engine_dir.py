@@ -44,7 +44,9 @@ def test_manifest_describes_the_build(engine, checkpoints):
     assert m["recipe"]["name"] == "none" and m["modes"] == ["ar", "spec"]
     assert list(m["engine_kinds"]) == ["prefill", "decode", "draft", "verify"]
     assert m["shapes"]["page_size"] == 4 and m["shapes"]["block_length"] == 8 and m["shapes"]["max_batch"] == 4
-    assert m["plugins"] == {"namespace": "trimode", "versions": {"paged_attention": "1", "kv_append": "1"},
+    assert m["plugins"] == {"namespace": "trimode", "versions": {"paged_attention": "1", "kv_append": "1",
+                                                                 "draft_verify": "1", "draft_verify_sampling": "1",
+                                                                 "confidence_unmask": "1"},
                             "onnx_domain": "trimode", "reference_form": "standard ONNX ops"}
     for tool in ("python", "trimode", "torch", "onnx", "onnxruntime", "nvidia-modelopt", "tensorrt"):
         assert tool in m["tools"]

@@ -3,13 +3,16 @@
 engine returning logits, in every mode, batch 1 and 4, on random checkpoints and the shipped tiny-kjv; a greedy
 step hands the host a few bytes per sequence instead of its logits; sampled passes still get logits.
 
-The onnxruntime executor's graphs are compared the same way in tests/builder/test_build_onnx_executor.py.
+The onnxruntime executor runs the reference graphs' own decision tails (build/onnx_graph.py): the same
+comparisons on engine directories of a random checkpoint and of tiny-kjv, and against the torch executor.
 """
 
 from pathlib import Path
 
 import pytest
 
+from build_helpers import finish, start_build
+from trimode.runtime.api import TriModeLM
 from trimode.runtime.passes import PassKind, PassOutput, SeqPass, split_outputs
 
 from conftest import make_lm, random_prompts
@@ -143,3 +146,69 @@ def test_split_outputs_assigns_rows_and_decisions_in_pass_order():
     assert torch.equal(out[1].logits, logits)
     assert out[2].tokens.tolist() == [4, 5] and out[2].confidence.tolist() == [0.5, 0.25]
     assert [o.num_bytes for o in out] == [8, 48, 16, 8]
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoints, tmp_path_factory):
+    """Engine directories (ONNX stage) of a random checkpoint and, if shipped, tiny-kjv, built concurrently."""
+    tmp = tmp_path_factory.mktemp("decide")
+    procs = {"random": start_build(checkpoints["gqa2-yarn-lora"], tmp / "random", "none")}
+    if (SHIPPED / "config.json").is_file():
+        procs["tiny-kjv"] = start_build(SHIPPED, tmp / "kjv", "none", "--page-size", "16", "--max-seq", "256")
+    for proc in procs.values():
+        finish(proc)
+    return {"random": tmp / "random", **({"tiny-kjv": tmp / "kjv"} if "tiny-kjv" in procs else {})}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["random", "tiny-kjv"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_onnxruntime_graph_decisions_equal_logits_and_torch(engines, which, batch):
+    if which not in engines:
+        pytest.skip("the shipped tiny-kjv is not in this checkout")
+    lms = {ex: TriModeLM.from_engine(engines[which], executor=ex, **({"threads": 1} if ex == "onnxruntime" else {}))
+           for ex in ("onnxruntime", "torch")}
+    lm = lms["onnxruntime"]
+    assert lm.executor.decides and lm.engine.decide
+    if which == "random":
+        prompts = random_prompts([9, 3, 14, 6][:batch], seed=batch)
+    else:
+        prompts = [lm.encode(t) for t in ("In the beginning God created", "And the LORD said unto Moses,",
+                                          "Blessed are the poor in spirit:", "The LORD is my shepherd;")][:batch]
+    for mode, run in MODES.items():
+        (decided, decided_bytes), (logits, logits_bytes) = decided_and_not(lm, run, prompts, 16)
+        assert decided == logits, (which, batch, mode)
+        assert [t[0] for t in decided] == [t[0] for t in _summary(run(lms["torch"], prompts, 16))], (which, mode)
+        assert decided_bytes * 50 < logits_bytes, (mode, decided_bytes, logits_bytes)
+
+
+@pytest.mark.slow
+def test_onnxruntime_greedy_verify_step_moves_eight_bytes_per_sequence(engines):
+    lm = TriModeLM.from_engine(engines["random"], executor="onnxruntime", threads=1)
+    prompts = random_prompts([9, 3, 14, 6], seed=3)
+    cache, ex, block = lm.cache, lm.executor, 4
+    for sid, prompt in enumerate(prompts):
+        cache.add_sequence(sid)
+        cache.reserve(sid, len(prompt) + block)
+    try:
+        ex.forward([SeqPass(sid, PassKind.PREFILL, tuple(p), 0) for sid, p in enumerate(prompts)])
+        moved, got = {}, {}
+        for decide in (True, False):
+            verify = [SeqPass(sid, PassKind.VERIFY, tuple(range(5, 5 + block)), len(p), num_logits=block,
+                              decide=decide) for sid, p in enumerate(prompts)]
+            before = ex.output_bytes
+            got[decide] = ex.forward(verify)
+            moved[decide] = ex.output_bytes - before
+        assert moved[True] == 4 * 8 and moved[False] == 4 * block * lm.config.vocab_size * 4
+        # the graph's decision is draft_verify's over the logits the same graph returns
+        from trimode.plugins.draft_verify import draft_verify_greedy_reference
+        import torch
+
+        target = torch.stack([o.logits for o in got[False]])
+        drafts = torch.tensor([list(range(6, 5 + block))] * 4, dtype=torch.int32)
+        accepted, bonus = draft_verify_greedy_reference(drafts, target, torch.full((4,), block - 1, dtype=torch.int32),
+                                                        lm.config.mask_token_id)
+        assert [(o.accepted, o.bonus) for o in got[True]] == list(zip(accepted.tolist(), bonus.tolist()))
+    finally:
+        for sid in range(len(prompts)):
+            cache.free(sid)

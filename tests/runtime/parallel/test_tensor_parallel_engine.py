@@ -22,6 +22,7 @@ from trimode.build.plugin_ops import TRT_COLLECTIVE, contrib_session, register_o
 from trimode.build.sharding import shard_weights
 from trimode.runtime.api import TriModeLM
 from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir
+from trimode.runtime.executors.onnx_executor import decision_feeds
 from trimode.runtime.executors.ort_ops import REFERENCE_ALL_REDUCE, register_tp_comm, unregister_tp_comm
 from trimode.runtime.model.checkpoint import load_config
 from trimode.runtime.model.config import tiny_config
@@ -128,7 +129,9 @@ def test_each_ranks_tensorrt_graph_computes_its_share(engines):
     def run(path, heads, rank=0):
         model = onnx.load(str(path))
         session = contrib_session(model, tp_rank=rank)
-        return session.run(["logits"], feeds(heads))[0]
+        names = {i.name for i in session.get_inputs()}  # tp 1: the decision inputs too (empty: nothing decides)
+        return session.run(["logits"], {k: v for k, v in {**feeds(heads), **decision_feeds([])}.items()
+                                        if k in names})[0]
 
     want = run(engines[1] / "onnx" / "prefill.plugin.onnx", cfg.num_key_value_heads)
 

@@ -15,6 +15,7 @@ import torch
 
 from trimode.plugins._common import FLOAT_DTYPES, TRITON_DTYPE, check, check_launch, compile_ptx, \
     next_pow2, tl, torch_dtype_of, triton
+from trimode.plugins.draft_verify import argmax_without
 from trimode.plugins.signatures import autotune_io
 
 PLUGIN_ID = "trimode::confidence_unmask"
@@ -28,9 +29,8 @@ def confidence_unmask_reference(logits: torch.Tensor, is_masked: torch.Tensor, m
     """logits [N, V], is_masked [N] bool -> tokens [N] int32, confidence [N] fp32."""
     _check(logits, is_masked)
     x = logits.float()
-    probs = x.softmax(-1)
-    tokens = x.clone().index_fill_(-1, torch.tensor([mask_token_id], device=x.device), float("-inf")).argmax(-1)
-    confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    tokens = argmax_without(x, mask_token_id)
+    confidence = x.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     tokens = torch.where(is_masked, tokens, -1).int()
     return tokens, torch.where(is_masked, confidence, 0.0)
 

@@ -31,15 +31,28 @@ def draft_verify_greedy_reference(draft_tokens: torch.Tensor, target_logits: tor
                                   mask_token_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """draft_tokens [S, B-1] int32, target_logits [S, B, V], draft_lens [S] int32 -> accepted, bonus [S] int32."""
     _check_greedy(draft_tokens, target_logits, draft_lens)
-    logits = target_logits.float().clone()
-    logits[..., mask_token_id] = float("-inf")
-    target = logits.argmax(-1)  # [S, B]
+    target = argmax_without(target_logits, mask_token_id)  # [S, B]
     num_drafts = draft_tokens.shape[1]
+    if num_drafts == 0:  # no drafts (a prefill / decode / commit row): the argmax of the one row
+        return torch.ones_like(draft_lens), target[:, 0].int()
     in_draft = torch.arange(num_drafts, device=draft_lens.device)[None, :] < draft_lens[:, None]
     matches = (target[:, :num_drafts] == draft_tokens.long()) & in_draft
     accepted = matches.int().cumprod(1).sum(1) + 1
     bonus = target.gather(1, (accepted - 1).long()[:, None]).squeeze(1)
     return accepted.int(), bonus.int()
+
+
+def argmax_without(logits: torch.Tensor, excluded: int) -> torch.Tensor:
+    """Index of the first maximum over the last axis of ``logits`` with token ``excluded`` (the mask id) left out,
+    int64. ``max`` finds the first maximum without a copy; rows where ``excluded`` won are done again on a copy
+    with it at -inf (the rule of ``runtime.sampling.select_tokens``)."""
+    index = logits.max(-1).indices
+    won = index == excluded
+    if bool(won.any()):
+        rows = logits[won].float().clone()
+        rows[..., excluded] = float("-inf")
+        index[won] = rows.argmax(-1)
+    return index
 
 
 def draft_verify_sampling_reference(draft_tokens: torch.Tensor, draft_lens: torch.Tensor, draft_probs: torch.Tensor,

@@ -210,8 +210,8 @@ def verify_step_bytes(lm, batch: int, block: int) -> dict[bool, int]:
         out = {}
         for decide in (True, False):
             before = ex.output_bytes
-            ex.forward([SeqPass(sid, PassKind.VERIFY, prompt[:block], len(prompt), num_logits=block, decide=decide)
-                        for sid in ids])
+            ex.forward([SeqPass(sid, PassKind.VERIFY, tuple(range(5, 5 + block)), len(prompt), num_logits=block,
+                                decide=decide) for sid in ids])
             out[decide] = ex.output_bytes - before
         return out
     finally:

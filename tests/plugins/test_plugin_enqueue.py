@@ -78,3 +78,24 @@ def test_decision_ops_fill_their_outputs():
     run_op("confidence_unmask", {"mask_token_id": 3}, [rows, masked], outs)
     tokens, confidence = mods["confidence_unmask"].confidence_unmask_reference(rows, masked, 3)
     assert torch.equal(outs[0], tokens) and torch.allclose(outs[1], confidence, atol=1e-6)
+
+
+def test_decision_ops_take_the_empty_shapes_the_engines_feed():
+    """The engines' decision tails feed empty or zero-width inputs (docs/kernels.md "Engines that decide"): no
+    verifying pass (Nd = 0), passes without drafts (draft_tokens [Nd, 0], a decode batch) and no masked row
+    (Q = 0). The launchers write what the references say, and nothing for empty outputs."""
+    mods, run_op = kernels()
+    gen = torch.Generator().manual_seed(3)
+    for nd, width in ((0, 0), (0, 4), (3, 0)):
+        logits = torch.randn(nd, width + 1, 50, generator=gen)
+        logits[:, :, 3] += 10.0  # the mask id leads every row: excluded, the next best wins
+        drafts = torch.zeros(nd, width, dtype=torch.int32)
+        lens = torch.zeros(nd, dtype=torch.int32)
+        outs = [torch.full((nd,), -7, dtype=torch.int32), torch.full((nd,), -7, dtype=torch.int32)]
+        run_op("draft_verify", {"mask_token_id": 3}, [drafts, logits, lens], outs)
+        want = mods["draft_verify"].draft_verify_greedy_reference(drafts, logits, lens, 3)
+        assert torch.equal(outs[0], want[0]) and torch.equal(outs[1], want[1]), (nd, width)
+        assert all(a == 1 for a in outs[0].tolist()) and 3 not in outs[1].tolist()
+    outs = [torch.zeros(0, dtype=torch.int32), torch.zeros(0)]
+    run_op("confidence_unmask", {"mask_token_id": 3}, [torch.zeros(0, 50), torch.zeros(0, dtype=torch.bool)], outs)
+    assert outs[0].shape == (0,) and outs[1].shape == (0,)

@@ -1,7 +1,7 @@
 """The decision tail of the engine graphs (tensor-parallel size 1): the greedy decisions made on the device, so
 that a few int32 / fp32 numbers leave it instead of [rows, V] logits (docs/kernels.md, ``runtime/passes.py``).
 
-The runtime feeds the inputs (``runtime/executors/onnx_executor.decision_feeds``: semantics and padding):
+The runtime feeds the inputs (``runtime/executors/decisions.decision_feeds``: semantics and padding):
 
 | input           | type / shape                  | graphs                              |
 |-----------------|-------------------------------|-------------------------------------|

@@ -75,8 +75,8 @@ def profile_shapes(kind: str, manifest_shapes: dict[str, int], num_layers: int) 
 
     The logits rows and the decision inputs (``build/onnx_decisions.py``) start at 0: a forward may return no
     logits and decide nothing. Decisions: ``decide_index`` up to the kind's tokens; causal kinds verify at most
-    one pass per sequence slot (``max_batch``) of at most ``block_length`` drafts (decode: none, its passes
-    have one token); a draft forward verifies nothing (its profile holds Nd = 0, Bd - 1 = 0)."""
+    one pass per sequence slot (``max_batch``) of at most ``block_length`` drafts (prefill, decode: none; a longer
+    verify pass takes logits, ``runtime.engine.Engine``); a draft forward verifies nothing (its profile holds Nd = 0, Bd - 1 = 0)."""
     b, s, blk, page = (manifest_shapes[k] for k in ("max_batch", "max_seq", "block_length", "page_size"))
     t_min, t_opt, t_max = token_range(kind, b, s, blk)
     n_opt = max(1, b // 2)
@@ -93,7 +93,7 @@ def profile_shapes(kind: str, manifest_shapes: dict[str, int], num_layers: int) 
     }
     # verified passes (Nd) and drafts per pass (W = Bd - 1): opt / max
     nd_opt, nd_max = (0, 0) if kind == "draft" else (n_opt, b)
-    w_opt, w_max = {"draft": (0, 0), "decode": (0, 0), "prefill": (0, blk)}.get(kind, (blk, blk))
+    w_opt, w_max = (blk, blk) if kind == "verify" else (0, 0)  # prefill and decode passes have no drafts
     shapes.update({"draft_lens": ((0,), (nd_opt,), (nd_max,)),
                    "draft_tokens": ((0, 0), (nd_opt, w_opt), (nd_max, w_max)),
                    "verify_gather": ((0,), (nd_opt * (w_opt + 1),), (nd_max * (w_max + 1),))})

@@ -56,9 +56,11 @@ class Engine:
 
     ``max_position_embeddings``: positions per sequence (prompt + new tokens); ``max_batch_size``: sequences
     in the running batch (the rest wait); ``limits``: an engine directory's build-time limits (None: only the
-    model's and the pool's). ``decide``: greedy passes take the engine's decisions (``SeqPass.decide``); None:
-    whenever the executor can (``Executor.decides``); False: every pass returns logits, as before the engines
-    decided (same tokens; for comparisons)."""
+    model's and the pool's). ``decide``: greedy passes take the engine's decisions (``SeqPass.decide``); None or
+    True: whenever the executor can (``Executor.decides``; an executor that cannot gets logits passes, whatever
+    is asked); False: every pass returns logits, as before the engines decided (same tokens; for comparisons).
+    Under an engine directory's limits a verify pass with more drafts than the built ``block_length`` takes
+    logits (the engines' decision inputs are sized for that block)."""
 
     def __init__(self, executor: Executor, mask_token_id: int, max_position_embeddings: int,
                  max_batch_size: int = DEFAULTS.max_batch_size, limits: EngineLimits | None = None,
@@ -73,13 +75,22 @@ class Engine:
         self.max_positions = max_position_embeddings
         self.max_batch_size = max_batch_size
         self.limits = limits
-        self.decide = executor.decides if decide is None else decide and executor.decides
+        self.decide = decide is not False
         self.scheduler = AutoScheduler()  # mode auto's costs: set .costs to a measured PassCostTable
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
         self.finished: dict[int, GenerationResult] = {}
         self.num_steps = 0
         self._ids = itertools.count()
+
+    @property
+    def decide(self) -> bool:
+        """Whether greedy passes take the engine's decisions: asked for and the executor can."""
+        return self._decide
+
+    @decide.setter
+    def decide(self, value: bool) -> None:
+        self._decide = bool(value) and self.executor.decides
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -268,6 +279,13 @@ class Engine:
         seq.finish_reason, seq.exception = "error", error
         seq.error = message or f"{type(error).__name__}: {error}"
 
+    def _decides(self, p: SeqPass) -> bool:
+        """Whether pass ``p`` (which asks) takes the engine's decision: the engine decides, and under an engine
+        directory's limits a causal pass's drafts fit the built block (the decision inputs' profile)."""
+        if not (p.decide and self.decide):
+            return False
+        return self.limits is None or not p.kind.is_causal or p.num_logits - 1 <= self.limits.block_length
+
     def _fits(self, passes: list[SeqPass], used: dict[str, int]) -> bool:
         """Whether ``passes`` (one sequence's, run together) fit what is left of their engine kinds' budgets this
         step: tokens per forward, and passes per forward (an engine runs at most ``max_batch`` sequences: a fused
@@ -309,8 +327,9 @@ class Engine:
             if p is None:
                 continue
             passes = p if isinstance(p, list) else [p]  # several: one sequence's passes of one forward
-            if not self.decide:
-                passes = [dataclasses.replace(q, decide=False, decide_rows=()) if q.decide else q for q in passes]
+            if any(q.decide for q in passes):
+                passes = [q if self._decides(q) else dataclasses.replace(q, decide=False, decide_rows=())
+                          for q in passes]
             if not self._fits(passes, used):  # over its engine kinds' budgets: next step
                 continue
             kept = [q.end_pos for q in passes if q.kind.keeps_kv]

@@ -1,7 +1,7 @@
 """The three decoding modes as small policies over one loop (runtime.engine).
 
-A policy answers two questions for a sequence: which pass to run next (``plan``) and what the pass's logits
-mean (``consume``). They differ only in block length, attention pattern, whether K/V is kept, and how
+A policy answers two questions for a sequence: which pass to run next (``plan``) and what the pass's output
+(its logits, or the engine's decision) means (``consume``). They differ only in block length, attention pattern, whether K/V is kept, and how
 tokens are accepted; the loop, batching, paging and counters are shared.
 
 - AR: decode pass over the pending token (causal, kept); the next token from its logits.
@@ -27,7 +27,7 @@ import torch
 from trimode.runtime.acceptance import greedy_accept, rejection_accept
 from trimode.runtime.passes import PassKind, PassOutput, SeqPass
 from trimode.runtime.request import ARConfig, DiffusionConfig, FusedSpecConfig, Mode, SequenceState, SpecConfig
-from trimode.runtime.sampling import select_tokens, target_probs
+from trimode.runtime.sampling import NonFiniteLogits, select_tokens, target_probs
 from trimode.runtime.unmasking import even_schedule, first_finished_eos, reveal, token_confidence
 
 
@@ -100,8 +100,11 @@ class ModePolicy(ABC):
                       need_confidence: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token and confidence per position of ``block`` (a block-bidirectional pass's output): from the engine's
         decision for the masked rows (``p.decide_rows``; other positions 0), else chosen from the logits
-        (``select``; the confidence, ``token_confidence``, only if ``need_confidence``). [len, ] int64 / fp32."""
+        (``select``; the confidence, ``token_confidence``, only if ``need_confidence``). [len, ] int64 / fp32.
+        Raises ``NonFiniteLogits`` for a NaN confidence (logits that were NaN)."""
         if out.logits is None:
+            if bool(torch.isnan(out.confidence).any()):  # (a NaN row's argmax means nothing; its confidence is NaN)
+                raise NonFiniteLogits("the forward produced NaN logits; no token can be chosen from them")
             rows = torch.tensor(p.decide_rows, dtype=torch.long)
             tokens = torch.zeros(len(block.tokens), dtype=torch.long).index_copy_(0, rows, out.tokens)
             confidence = torch.zeros(len(block.tokens)).index_copy_(0, rows, out.confidence)
@@ -197,6 +200,8 @@ class SpecPolicy(ModePolicy):
         return self.verify_pass(seq, block, cache_len)
 
     def draft_pass(self, seq: SequenceState, block: Block, cache_len: int, use_lora: bool) -> SeqPass:
+        """The draft pass of ``block`` (block-bidirectional, LoRA if ``use_lora``); a greedy request's asks for the
+        engine's tokens of the masked rows."""
         decide = self.decides(seq)
         return SeqPass(seq.seq_id, PassKind.DRAFT, tuple(block.tokens), cache_len, num_logits=len(block.tokens),
                        use_lora=use_lora, decide=decide, decide_rows=_masked_rows(block) if decide else ())

@@ -105,7 +105,8 @@ class PassOutput:
 
     @property
     def num_bytes(self) -> int:
-        """The bytes of this output (what a device-side executor copies to the host for it)."""
+        """The bytes of this output as the executor hands it back (decisions: int32 tokens and fp32 confidences, as
+        the ops return them on the device, before they are copied to the host)."""
         if self.logits is not None:
             return self.logits.numel() * self.logits.element_size()
         if self.tokens is not None:

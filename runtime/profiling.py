@@ -85,17 +85,21 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _passes(kind: str, seq_ids: Sequence[int], num_tokens: int, context_len: int, mask_token_id: int
-            ) -> list[SeqPass]:
-    """One pass of ``kind`` per sequence: ``num_tokens`` new tokens after a ``context_len``-token prefix."""
+def _passes(kind: str, seq_ids: Sequence[int], num_tokens: int, context_len: int, mask_token_id: int,
+            decide: bool = False) -> list[SeqPass]:
+    """One pass of ``kind`` per sequence: ``num_tokens`` new tokens after a ``context_len``-token prefix; with
+    ``decide``, taking the engine's decision as a greedy request's pass does (draft rows: the masked ones)."""
     out = []
     for i, seq_id in enumerate(seq_ids):
         ids = tuple((7 * i + 3 * j + 2) % 97 + 2 for j in range(num_tokens))
+        masked = ()
         if kind in ("draft", "denoise"):
             ids = ids[:1] + (mask_token_id,) * (num_tokens - 1)
+            masked = tuple(range(1, num_tokens)) if decide else ()
         out.append(SeqPass(seq_id, PassKind(kind), ids, context_len,
                            num_logits=1 if kind == "decode" else num_tokens,
-                           use_lora=kind == "draft"))
+                           use_lora=kind == "draft", decide=decide and (bool(masked) or PassKind(kind).is_causal),
+                           decide_rows=masked))
     return out
 
 
@@ -104,7 +108,8 @@ def pass_costs(executor: Executor, mask_token_id: int, token_counts: Sequence[in
                context_len: int = 64, repeats: int = 20, warmup: int = 3) -> list[PassCost]:
     """The median time of ``executor.forward`` over ``repeats`` runs (after ``warmup``) for every pass kind in
     ``kinds`` (``decode`` at T = 1 only), token count T and batch size; draft passes ask for the drafter LoRA
-    (an executor without one runs them without). Sequences ids 1_000_000.. are added to
+    (an executor without one runs them without); passes take the engine's decisions where the executor decides
+    (as greedy requests' passes do). Sequences ids 1_000_000.. are added to
     ``executor.cache`` with ``context_len + max(T)`` tokens of pages reserved and freed at the end. Raises
     ``ProfileError`` when the cache cannot hold them (name: ``num_pages``)."""
     cache = executor.cache
@@ -131,7 +136,7 @@ def pass_costs(executor: Executor, mask_token_id: int, token_counts: Sequence[in
         for batch in batch_sizes:
             for kind in kinds:
                 for t in ([1] if kind == "decode" else token_counts):
-                    passes = _passes(kind, seq_ids[:batch], t, context_len, mask_token_id)
+                    passes = _passes(kind, seq_ids[:batch], t, context_len, mask_token_id, executor.decides)
                     times = []
                     for n in range(warmup + repeats):
                         _sync(device)

@@ -123,10 +123,10 @@ def main() -> int:
             forward, count = loaded.executor.forward, [0]
 
             def forward_then_hook(passes):
-                logits = forward(passes)
+                outputs = forward(passes)
                 count[0] += 1
                 on_step(count[0])
-                return logits
+                return outputs
             loaded.executor.forward = forward_then_hook
         report["device"] = str(comm.device)
         report["modes"] = workload(loaded, prompts, args.max_new_tokens, args.block_length)

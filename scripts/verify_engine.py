@@ -112,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     moved = {}
-    for decide in (False, True):  # the engine's decisions last: ``got`` holds them
+    for decide in (False, True) if lm.executor.decides else (False,):  # decisions last: ``got`` holds them
         lm.engine.decide, before, steps = decide, lm.executor.output_bytes, lm.engine.num_steps
         got = run_modes(lm, a.batch, a.new_tokens, a.block_length)
         moved[decide] = round((lm.executor.output_bytes - before) / max(1, lm.engine.num_steps - steps))
-        if not decide:
-            with_logits = got
+        with_logits = with_logits if decide else got
     want = run_modes(ref, a.batch, a.new_tokens, a.block_length)
     report = {"engine": str(engine), "executor": executor, "recipe": manifest["recipe"]["name"],
-              "decides": lm.executor.decides, "bytes_per_step": {"logits": moved[False], "decisions": moved[True]},
+              "decides": lm.executor.decides,
+              "bytes_per_step": {"logits": moved[False], "decisions": moved.get(True)},
               "modes": {}, "seconds": {executor: got["seconds"], "torch": want["seconds"]}}
     ok = True
     for mode in ("ar", "diffusion", "spec", "fused_spec"):
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             ok &= agree >= a.min_agreement and agreement(with_logits[mode], got[mode]) >= a.min_agreement
         print(f"{mode:10s} {'identical' if exact else f'agreement {agree:.3f}'}; decisions "
               f"{'==' if same_as_logits else '!='} logits", file=sys.stderr)
-    print(f"bytes to the host per step: {moved[False]} with logits, {moved[True]} with the engine's decisions",
+    print(f"bytes handed back per step: {moved[False]} with logits, {moved.get(True)} with the engine's decisions"
+          + ("" if lm.executor.decides else " (these engines do not decide: built before GRAPH_VERSION 3)"),
           file=sys.stderr)
     if executor != "tensorrt":
         print(f"note: TensorRT not used ({reason}); compared the onnxruntime executor", file=sys.stderr)

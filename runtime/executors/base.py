@@ -24,8 +24,9 @@ class Executor(ABC):
     ``confidence_unmask`` (docs/kernels.md "Engines that decide"). An executor that does not decide never gets a
     deciding pass (the engine clears the flag).
 
-    ``output_bytes``: the bytes of every output handed back so far (``PassOutput.num_bytes``): on a GPU, what
-    crosses to the host.
+    ``output_bytes``: the bytes of every output handed back so far (``PassOutput.num_bytes``): logits rows where
+    a pass returns them (in device memory on a GPU, where the policies choose from them with device ops), the
+    decisions otherwise (a few int32 / fp32 per pass, copied to the host).
 
     Lifecycle: ``keepalive()`` is called by an idle server more often than any collective timeout (a no-op
     unless the executor drives other ranks), ``close()`` releases what the executor holds (sessions,

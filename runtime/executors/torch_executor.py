@@ -9,7 +9,7 @@ once per forward, so a layer's attention is a few gathers and one SDPA over the 
 checks on every call, cost more than the 3 M-parameter tiny model's matmuls).
 
 Decisions (``SeqPass.decide``): the head runs on the logit rows of the passes that return logits and on the rows
-the decisions read (``onnx_executor.decision_feeds``, the layout every executor shares), and the decisions are
+the decisions read (``executors.decisions.decision_feeds``: the layout every executor shares), and the decisions are
 ``plugins.dispatch.draft_verify`` / ``confidence_unmask`` (Triton kernels on CUDA, references on CPU); only
 their results go to the host.
 
@@ -26,7 +26,7 @@ import torch
 
 from trimode.plugins import dispatch as ops
 from trimode.runtime.executors.base import Executor, register_executor
-from trimode.runtime.executors.onnx_executor import decision_feeds
+from trimode.runtime.executors.decisions import decision_feeds
 from trimode.runtime.kv_cache import PagedKVCache
 from trimode.runtime.model.network import NLDModel, batch_invariant_attention
 from trimode.runtime.passes import PassOutput, SeqPass, split_outputs

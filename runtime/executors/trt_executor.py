@@ -40,7 +40,8 @@ from trimode.runtime.executors.base import Executor, register_executor
 from trimode.runtime.executors.engine_dir import (EngineDirError, EngineMismatch, check_engine_dir, check_tensorrt,
                                                   tensor_parallel_size)
 from trimode.runtime.executors.engine_kinds import token_range
-from trimode.runtime.executors.onnx_executor import DECISION_OUTPUTS, graph_feeds, run_by_engine_kind
+from trimode.runtime.executors.decisions import DECISION_OUTPUTS
+from trimode.runtime.executors.onnx_executor import graph_feeds, run_by_engine_kind
 from trimode.runtime.kv_cache import PagedKVCache
 from trimode.runtime.passes import PassOutput, SeqPass, split_outputs
 
@@ -97,6 +98,10 @@ def check_profile(kind: str, feeds: dict[str, np.ndarray], shapes: dict[str, int
     if feeds["block_tables"].shape[1] > pages:
         raise ValueError(f"{kind} engine: block tables of {feeds['block_tables'].shape[1]} pages, built for at most "
                          f"{pages} per sequence")
+    drafts = feeds.get("draft_tokens")
+    if drafts is not None and drafts.shape[0] and drafts.shape[1] > shapes["block_length"]:
+        raise ValueError(f"{kind} engine: a deciding pass with {drafts.shape[1]} drafts, its profile takes at most "
+                         f"{shapes['block_length']} (the built block_length; longer verify passes take logits)")
 
 
 def check_pool(cache: PagedKVCache, shapes: dict[str, int]) -> None:
@@ -143,6 +148,14 @@ def device_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.numel():
         return t.to(device)
     return torch.empty(1, dtype=t.dtype, device=device)[:0].view(t.shape)
+
+
+def device_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output buffer of ``shape`` on ``device`` (allocated there: nothing is copied); an empty
+    one as a view of a one-element buffer (``tensor_address``)."""
+    if all(shape):
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty(1, dtype=dtype, device=device)[:0].view(shape)
 
 
 def tensor_address(t: torch.Tensor) -> int:
@@ -248,17 +261,20 @@ class TensorRTExecutor(Executor):
         device = cache.k_pool.device
         tensors = {k: device_tensor(torch.from_numpy(np.ascontiguousarray(v)), device) for k, v in feeds.items()}
         c = ctx.context
+        shapes = [(name, tuple(t.shape)) for name, t in tensors.items()]
+        shapes += [(name, shape) for name, shape, _ in pools if name in ctx.inputs]
+        for name, shape in shapes:
+            if not c.set_input_shape(name, shape):
+                raise ValueError(f"{kind} engine: input {name} of shape {list(shape)} is outside its optimization "
+                                 f"profile")
         for name, t in tensors.items():
-            c.set_input_shape(name, tuple(t.shape))
             c.set_tensor_address(name, tensor_address(t))
-        for name, shape, ptr in pools:
-            if name in ctx.inputs:
-                c.set_input_shape(name, shape)
+        for name, _, ptr in pools:
             c.set_tensor_address(name, ptr)
         results = {}  # logits (the rows of passes that do not decide) and the decisions, on the device
         for name in ("logits", *(o for o in DECISION_OUTPUTS if o in ctx.outputs)):
             dtype = torch.float32 if name in ("logits", "unmask_confidence") else torch.int32
-            results[name] = device_tensor(torch.empty(tuple(c.get_tensor_shape(name)), dtype=dtype), device)
+            results[name] = device_empty(tuple(c.get_tensor_shape(name)), dtype, device)
             c.set_tensor_address(name, tensor_address(results[name]))
         with torch.cuda.stream(self.stream):
             if not c.execute_async_v3(self.stream.cuda_stream):
@@ -270,6 +286,10 @@ class TensorRTExecutor(Executor):
 
     @torch.no_grad()
     def forward(self, passes: Sequence[SeqPass]) -> list[PassOutput]:
+        if not self.decides and any(p.decide for p in passes):
+            raise ValueError(f"the plans of {self.engine_dir} do not decide (built before GRAPH_VERSION 3): passes "
+                             f"must not ask for decisions")
+
         def run(kind: str, batch: list[SeqPass]) -> list[PassOutput]:
             if kind not in self.contexts:
                 raise ValueError(f"engine directory {self.engine_dir} has no {kind!r} engine")

@@ -127,10 +127,10 @@ def test_sampled_passes_still_get_logits_and_greedy_ones_in_the_same_batch_decid
     assert any(len({p.seq_id for p in passes}) == 2 for passes in seen)  # and they shared forwards
 
 
-def _spec():
+def _spec(block: int = 8):
     from trimode.runtime.request import mode_config
 
-    return mode_config("spec", 8)
+    return mode_config("spec", block)
 
 
 def test_split_outputs_assigns_rows_and_decisions_in_pass_order():
@@ -212,3 +212,90 @@ def test_onnxruntime_greedy_verify_step_moves_eight_bytes_per_sequence(engines):
     finally:
         for sid in range(len(prompts)):
             cache.free(sid)
+
+
+class _Wrapped:
+    """An executor around another one: ``decides`` as given; ``poison`` turns the confidences of deciding
+    draft passes into NaN (a forward gone wrong)."""
+
+    def __init__(self, inner, decides: bool, poison: bool = False) -> None:
+        self.inner, self.cache, self.decides, self.poison = inner, inner.cache, decides, poison
+        self.seen: list = []
+        self.output_bytes = 0
+
+    def forward(self, passes):
+        import dataclasses
+        import torch
+
+        self.seen.extend(passes)
+        assert self.decides or not any(p.decide for p in passes), "a deciding pass reached a non-deciding executor"
+        out = self.inner.forward(passes)
+        if self.poison:
+            out = [dataclasses.replace(o, confidence=torch.full_like(o.confidence, float("nan")))
+                   if o.confidence is not None else o for o in out]
+        return out
+
+
+def _engine_over(lm, executor, **kw):
+    from trimode.runtime.engine import Engine
+
+    return Engine(executor, lm.config.mask_token_id, lm.config.max_position_embeddings, **kw)
+
+
+def test_an_executor_that_cannot_decide_never_gets_deciding_passes(ckpt):
+    lm = make_lm(ckpt)
+    prompts = random_prompts([9, 5], seed=11)
+    want = [r.token_ids for r in lm.linear_spec_generate(prompts, max_new_tokens=12, block_length=4,
+                                                         eos_token_ids=())]
+    engine = _engine_over(lm, _Wrapped(lm.executor, decides=False), decide=True)
+    assert engine.decide is False
+    engine.decide = True  # asking again changes nothing
+    assert engine.decide is False
+    requests = [lm.request(p, 12, _spec(4), eos_token_ids=()) for p in prompts]
+    assert [r.token_ids for r in engine.run(requests)] == want
+    assert engine.executor.seen and not any(p.decide for p in engine.executor.seen)
+
+
+def test_under_engine_limits_verify_passes_longer_than_the_built_block_take_logits(ckpt):
+    """The engines' decision inputs are sized for the built block_length: a longer verify pass takes logits."""
+    from trimode.runtime.executors.engine_dir import EngineLimits
+
+    lm = make_lm(ckpt)
+    limits = EngineLimits("test", ("ar", "spec"), max_batch=4, max_seq=128, block_length=4, page_size=4,
+                          max_pages=256, max_tokens={})
+    wrapped = _Wrapped(lm.executor, decides=True)
+    engine = _engine_over(lm, wrapped, limits=limits, max_batch_size=4)
+    prompts = random_prompts([9, 5], seed=12)
+    requests = [lm.request(prompts[0], 12, _spec(8), eos_token_ids=()),
+                lm.request(prompts[1], 12, _spec(4), eos_token_ids=())]
+    got = [r.token_ids for r in engine.run(requests)]
+    assert got == [r.token_ids for r in lm.ar_generate(prompts, max_new_tokens=12, eos_token_ids=())]
+    verifies = [p for p in wrapped.seen if p.kind is PassKind.VERIFY]
+    assert {p.decide for p in verifies if p.num_tokens > 5} == {False}
+    assert {p.decide for p in verifies if p.num_tokens <= 5} == {True}
+
+
+def test_nan_confidences_fail_that_request_alone(ckpt):
+    from trimode.runtime.sampling import NonFiniteLogits
+
+    lm = make_lm(ckpt)
+    engine = _engine_over(lm, _Wrapped(lm.executor, decides=True, poison=True))
+    prompts = random_prompts([9, 5], seed=13)
+    diffusion = lm.request(prompts[0], 8, _diffusion(), eos_token_ids=())
+    ar = lm.request(prompts[1], 8, _ar(), eos_token_ids=())
+    bad, good = engine.run([diffusion, ar])
+    assert bad.finish_reason == "error" and isinstance(bad.exception, NonFiniteLogits)
+    assert good.finish_reason == "length"
+    assert good.token_ids == lm.ar_generate([prompts[1]], max_new_tokens=8, eos_token_ids=())[0].token_ids
+
+
+def _diffusion():
+    from trimode.runtime.request import mode_config
+
+    return mode_config("diffusion", 4)
+
+
+def _ar():
+    from trimode.runtime.request import mode_config
+
+    return mode_config("ar", 1)

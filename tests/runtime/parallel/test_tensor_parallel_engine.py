@@ -22,7 +22,7 @@ from trimode.build.plugin_ops import TRT_COLLECTIVE, contrib_session, register_o
 from trimode.build.sharding import shard_weights
 from trimode.runtime.api import TriModeLM
 from trimode.runtime.executors.engine_dir import EngineMismatch, check_engine_dir
-from trimode.runtime.executors.onnx_executor import decision_feeds
+from trimode.runtime.executors.decisions import decision_feeds
 from trimode.runtime.executors.ort_ops import REFERENCE_ALL_REDUCE, register_tp_comm, unregister_tp_comm
 from trimode.runtime.model.checkpoint import load_config
 from trimode.runtime.model.config import tiny_config

@@ -176,6 +176,10 @@ def _option(f) -> str:
     return "--" + (f.metadata.get("triton") or f.name).replace("_", "-")
 
 
+# the settings an engine directory's build-time limits size when they are not given (RuntimeSettings.given)
+ENGINE_SIZED = ("num_pages", "page_size", "max_batch_size")
+
+
 def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] | None = None,
                   unset: bool = False) -> None:
     """Add ``--num-pages``, ``--page-size``, ``--max-concurrent-requests`` (max_batch_size), ``--executor``,
@@ -186,7 +190,9 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] 
     for f in (by_name[name] for name in (by_name if names is None else names)):
         text = f.metadata["help"]
         kw: dict[str, Any] = {"dest": f.name, "default": None if unset else f.default,
-                              "help": text if "default" in text else f"{text} (default {f.default})"}
+                              "help": text if "default" in text else
+                              f"{text} (default {f.default}" + ("; with an engine directory its build-time limit)"
+                                                                if unset and f.name in ENGINE_SIZED else ")")}
         if f.type in ("int", int):
             kw["type"] = positive_int(_option(f), f.metadata.get("minimum", 1))
         if "choices" in f.metadata:

@@ -31,6 +31,7 @@ from trimode.plugins import tensorrt_libs
 from trimode.runtime import settings
 from trimode.runtime.serving.repository import DEFAULT_MODEL_NAME, ENGINE_EXECUTORS, write_repository
 from trimode.runtime.serving.server import ENV_VAR, ServingError, TritonServer
+from trimode.runtime.serving.triton_request import MODES
 
 # the runtime settings a served model takes from the command line (the Triton parameters of the same names)
 REPO_SETTINGS = ("num_pages", "page_size", "max_batch_size", "dtype", "executor", "threads")
@@ -49,7 +50,7 @@ def _add_repo_options(p: argparse.ArgumentParser) -> None:
                         "the newest request if pages run out")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=64)
-    p.add_argument("--default-mode", choices=["ar", "diffusion", "spec"], default="spec")
+    p.add_argument("--default-mode", choices=list(MODES), default="spec", help="mode of requests that name none")
     settings.add_arguments(p, names=("dtype",))
     p.add_argument("--executor", default=None, metavar="EXECUTOR",
                    help=f"with --model: a registered executor (default {settings.DEFAULTS.executor}); with --engine: "

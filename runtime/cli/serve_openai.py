@@ -70,23 +70,30 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
     src.add_argument("--engine", help="engine directory (scripts/build_engine.py --out); its manifest is checked first")
-    parser.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
+    parser.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime", "torch"], default=None,
                         help="with --engine: the TensorRT plans (tensorrt, CUDA GPU), the reference graphs "
-                             "(onnxruntime) or the engine's checkpoint (torch); auto: tensorrt where its plans can run "
-                             "here, else onnxruntime")
+                             "(onnxruntime) or the engine's checkpoint (torch); auto (the default): tensorrt where its "
+                             "plans can run here, else onnxruntime. A checkpoint (--model) runs on torch")
 
 
 def load_lm(args: argparse.Namespace):
     """The ``TriModeLM`` of ``--model`` or ``--engine`` with the runtime settings of ``settings.GENERATE_OPTIONS``
     (executor ``auto``: TensorRT where its plans can run here, else onnxruntime); ``trimode generate`` loads through
-    it too. Raises ``CheckpointError`` / ``EngineDirError`` naming the problem, ``ValueError`` for bad settings."""
+    it too. Raises ``CheckpointError`` / ``EngineDirError`` naming the problem (before any choice is printed),
+    ``ValueError`` for bad settings (``--executor`` other than torch with ``--model``)."""
     from trimode.runtime.api import TriModeLM
     from trimode.runtime.executors.trt_executor import tensorrt_runnable
 
     runtime_settings = settings.from_args(args, settings.GENERATE_OPTIONS)
     if args.engine is None:
+        if args.executor not in (None, "torch"):
+            raise ValueError(f"--executor {args.executor} runs an engine directory (--engine DIR); a checkpoint "
+                             f"(--model) runs on torch")
         return TriModeLM.from_pretrained(args.model, settings=runtime_settings)
-    executor = args.executor
+    from trimode.runtime.executors.engine_dir import check_engine_dir
+
+    check_engine_dir(args.engine, verify_hashes=False)  # a path that is no engine directory: its error, nothing else
+    executor = args.executor or "auto"
     runnable, why = tensorrt_runnable(args.engine, need_loader_path=False) if executor in ("auto", "tensorrt") \
         else (False, "")
     if runnable:

@@ -37,6 +37,8 @@ def test_generate_json_counters(ckpt, capsys):
     (["--mode", "ar", "--threshold", "0.5"], "--threshold applies to --mode diffusion / spec, not ar"),
     (["--mode", "spec", "--num-subblocks", "2"], "--num-subblocks applies to --mode fused_spec, not spec"),
     (["--mode", "auto", "--policy", "topk"], "--policy applies to --mode diffusion, not auto"),
+    (["--executor", "onnxruntime"], "--executor onnxruntime runs an engine directory (--engine DIR); a checkpoint "
+                                    "(--model) runs on torch"),
 ])
 def test_bad_arguments_name_the_argument(ckpt, args, message):
     proc = _cli("generate", "--model", ckpt, *args, "w5")
@@ -47,3 +49,9 @@ def test_bad_arguments_name_the_argument(ckpt, args, message):
 def test_bad_model_dir(tmp_path):
     proc = _cli("generate", "--model", str(tmp_path), "w5")
     assert proc.returncode == 2 and "--model:" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_bad_engine_dir_is_one_error_line_and_no_executor_choice(tmp_path):
+    proc = _cli("generate", "--engine", str(tmp_path / "nope"), "w5")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"trimode: error: --engine: {tmp_path / 'nope'} is not a directory"]

@@ -29,6 +29,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 
+from trimode.runtime.admission import check_request, fits, max_sequence_tokens
 from trimode.runtime.executors.base import Executor
 from trimode.runtime.executors.engine_dir import EngineLimits
 from trimode.runtime.executors.engine_kinds import PASS_TO_KIND
@@ -36,18 +37,11 @@ from trimode.runtime.kv_cache import KVCacheExhausted
 from trimode.runtime.modes import ModePolicy, make_policies
 from trimode.runtime.passes import PassKind, SeqPass
 from trimode.runtime.request import (ARConfig, AutoConfig, FusedSpecConfig, GenerationRequest, GenerationResult, Mode,
-                                     RequestError, SequenceState, SpecConfig, TokenCallback)
+                                     SequenceState, SpecConfig, TokenCallback)
 from trimode.runtime.scheduling import (FUSED_PRIOR, AcceptanceEstimate, AutoScheduler, Candidate, CostTableError,
                                         DefaultCosts)
 from trimode.runtime.settings import DEFAULTS
 
-# the passes each mode runs, and how many tokens each holds (b: the mode's block length)
-_MODE_PASSES = {Mode.AR: ((PassKind.DECODE, lambda b: 1),),
-                Mode.DIFFUSION: ((PassKind.DENOISE, lambda b: b), (PassKind.COMMIT, lambda b: b)),
-                Mode.SPEC: ((PassKind.DRAFT, lambda b: b), (PassKind.VERIFY, lambda b: b)),
-                Mode.AUTO: ((PassKind.DECODE, lambda b: 1), (PassKind.DRAFT, lambda b: b),
-                            (PassKind.VERIFY, lambda b: b))}
-_NEEDS = {Mode.AUTO: ("ar", "spec"), Mode.FUSED_SPEC: ("spec",)}  # the built modes a mode runs as
 _log = logging.getLogger("trimode")
 
 
@@ -96,57 +90,14 @@ class Engine:
 
     @property
     def max_sequence_tokens(self) -> int:
-        """The most tokens (prompt + new) one sequence can ever hold here: the model's positions, the whole
-        page pool, and an engine directory's max_seq, whichever is least (``check_request`` names which)."""
-        bounds = [self.max_positions, self.cache.num_pages * self.cache.page_size]
-        return min(bounds + ([self.limits.max_seq] if self.limits is not None else []))
+        """The most tokens (prompt + new) one sequence can ever hold here (``admission.max_sequence_tokens``)."""
+        return max_sequence_tokens(self.max_positions, self.cache, self.limits)
 
     def check_request(self, request: GenerationRequest) -> None:
-        """Raise ``RequestError`` naming the limit if ``request`` can never run here: more positions than the
-        model (or the engines) hold, more tokens (prompt + max_new_tokens) than the whole page pool holds (no
-        sequence is ever preempted, so it could only fail later), a mode whose engines were not built, or a pass
-        longer than its engine kind's tokens per forward."""
-        total = len(request.prompt_ids) + request.max_new_tokens
-        if total > self.max_positions:
-            raise RequestError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
-                               f"({request.max_new_tokens}) exceeds the model's {self.max_positions} positions")
-        capacity = self.cache.num_pages * self.cache.page_size
-        if total > capacity:
-            raise RequestError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens})"
-                               f" does not fit in the KV cache: {self.cache.num_pages} pages of "
-                               f"{self.cache.page_size} tokens hold {capacity} tokens in all (num_pages)")
-        lim = self.limits
-        if lim is None:
-            return
-        if total > lim.max_seq:
-            raise RequestError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens})"
-                               f" exceeds max_seq = {lim.max_seq}, the sequence length the engines of {lim.source} "
-                               f"were built for")
-        passes = [(PassKind.PREFILL, len(request.prompt_ids), "the prompt")]
-        for cfg in (request.mode, *(m for _, m in request.switches)):
-            for needed in _NEEDS.get(cfg.mode, (cfg.mode.value,)):
-                if needed not in lim.modes:
-                    raise RequestError(f"mode {cfg.mode.value!r} is not available: the engines of {lim.source} were "
-                                       f"built for modes {list(lim.modes)} (build_engine.py --modes)")
-            block = getattr(cfg, "block_length", 1)
-            if cfg.mode is Mode.FUSED_SPEC:  # a fused step: the chain (verify) and the sub-blocks (draft)
-                if cfg.num_subblocks > lim.max_batch:
-                    raise RequestError(f"fused_spec's {cfg.num_subblocks} sub-blocks are {cfg.num_subblocks} draft "
-                                       f"passes per step, more than the max_batch of {lim.max_batch} the engines of "
-                                       f"{lim.source} were built for (num_subblocks)")
-                chain, subs = cfg.max_pass_tokens
-                passes += [(PassKind.VERIFY, chain, f"a fused_spec chain of {chain}"),
-                           (PassKind.DRAFT, max(subs, block), f"fused_spec's sub-blocks ({cfg.num_subblocks} x "
-                                                             f"{cfg.next_block_length} tokens)")]
-                continue
-            passes += [(kind, size(block), f"a {cfg.mode.value} block of {block}") for kind, size in _MODE_PASSES[cfg.mode]]
-        for kind, num_tokens, what in passes:
-            engine_kind = PASS_TO_KIND[kind]
-            most = lim.max_tokens.get(engine_kind)
-            if most is not None and num_tokens > most:
-                raise RequestError(f"{what} needs a {kind.value} pass of {num_tokens} tokens, more than the "
-                                   f"{most} tokens per forward the {engine_kind!r} engine of {lim.source} was built for "
-                                   f"(max_batch x (block_length + 1) for block passes)")
+        """Raise ``RequestError`` naming the limit if ``request`` can never run here (``admission.check_request``:
+        the model's positions, the whole page pool, an engine directory's modes, sequence length and tokens per
+        forward)."""
+        check_request(request, self.max_positions, self.cache, self.limits)
 
     def add_request(self, request: GenerationRequest, on_tokens: TokenCallback | None = None) -> int:
         """Queue a request; returns its id. Raises ``RequestError`` for requests that can never run
@@ -286,23 +237,6 @@ class Engine:
             return False
         return self.limits is None or not p.kind.is_causal or p.num_logits - 1 <= self.limits.block_length
 
-    def _fits(self, passes: list[SeqPass], used: dict[str, int]) -> bool:
-        """Whether ``passes`` (one sequence's, run together) fit what is left of their engine kinds' budgets this
-        step: tokens per forward, and passes per forward (an engine runs at most ``max_batch`` sequences: a fused
-        spec step's sub-blocks are one each). ``used`` holds tokens by kind and passes by ("passes", kind)."""
-        if self.limits is None:
-            return True
-        need: dict = {}
-        for p in passes:
-            kind = PASS_TO_KIND[p.kind]
-            need[kind] = need.get(kind, 0) + p.num_tokens
-            need[("passes", kind)] = need.get(("passes", kind), 0) + 1
-        for key, n in need.items():
-            most = self.limits.max_batch if isinstance(key, tuple) else self.limits.max_tokens.get(key)
-            if most is not None and used.get(key, 0) + n > most:
-                return False
-        return True
-
     def step(self) -> list[int]:
         """Run one forward over every running sequence. Returns the ids of requests that finished."""
         self._admit()
@@ -330,7 +264,7 @@ class Engine:
             if any(q.decide for q in passes):
                 passes = [q if self._decides(q) else dataclasses.replace(q, decide=False, decide_rows=())
                           for q in passes]
-            if not self._fits(passes, used):  # over its engine kinds' budgets: next step
+            if not fits(passes, used, self.limits):  # over its engine kinds' budgets: next step
                 continue
             kept = [q.end_pos for q in passes if q.kind.keeps_kv]
             if kept:

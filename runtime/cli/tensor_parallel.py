@@ -58,12 +58,15 @@ def generate_tensor_parallel(args, generate_with) -> int:
     where = "" if comm.is_leader else f"(rank {comm.rank}) "
     try:
         if getattr(args, "engine", None):  # a `build_engine.py --tp N` directory: each rank runs its graph set
-            if args.executor not in ("auto", "onnxruntime"):
+            if args.executor not in (None, "auto", "onnxruntime"):
                 raise TensorParallelConfigError(f"--engine with --tp runs each rank's graphs with the onnxruntime "
                                                 f"executor, not {args.executor!r}")
             loaded = TriModeLM.from_engine(args.engine, comm=comm,
                                            settings=settings.from_args(args, settings.GENERATE_OPTIONS))
         else:
+            if args.executor not in (None, "torch"):
+                raise TensorParallelConfigError(f"--executor {args.executor} runs an engine directory (--engine DIR); "
+                                                f"a checkpoint (--model) runs on torch")
             loaded = TriModeLM.from_pretrained(args.model, comm=comm,
                                                settings=settings.from_args(args, settings.GENERATE_OPTIONS))
     except EngineDirError as e:

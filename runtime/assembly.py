@@ -28,7 +28,7 @@ from trimode.runtime.parallel.comm import TPComm
 from trimode.runtime.parallel.sharding import load_sharded_model
 from trimode.runtime.parallel.step import MirrorCache, TensorParallelExecutor, TensorParallelWorker, handshake
 from trimode.runtime.scheduling import load_costs
-from trimode.runtime.settings import DEFAULTS, RuntimeSettings
+from trimode.runtime.settings import DEFAULTS, ENGINE_EXECUTORS, RuntimeSettings
 
 ExecutorFactory = Callable[[NLDModel, PagedKVCache], Executor]  # called as factory(model, cache)
 _log = logging.getLogger("trimode")
@@ -111,13 +111,23 @@ def with_measured_costs(rt: Runtime, directory: str | Path) -> Runtime:
     return rt
 
 
-def engine_executor(directory: str | Path) -> str:
-    """The executor ``executor="auto"`` picks for an engine directory: "tensorrt" when its TensorRT plans can run in
-    this process (``trt_executor.tensorrt_runnable``: plans present, their TensorRT flavour and version installed,
-    a CUDA GPU among their targets), else "onnxruntime" (the reference-form graphs, any CPU)."""
+def choose_engine_executor(directory: str | Path, need_loader_path: bool = True) -> tuple[str, str]:
+    """(executor, why) that ``executor="auto"`` picks for an engine directory: "tensorrt" when its TensorRT plans
+    can run in this process (``trt_executor.tensorrt_runnable``: plans present, their TensorRT flavour and version
+    installed, a CUDA GPU among their targets; ``need_loader_path`` False: an entry point that re-executes itself
+    with ``libtensorrt_rtx.so`` on its loader path asks), else "onnxruntime" (the reference-form graphs, any CPU);
+    ``why`` says so for a log line."""
     from trimode.runtime.executors.trt_executor import tensorrt_runnable
 
-    return "tensorrt" if tensorrt_runnable(directory)[0] else "onnxruntime"
+    runnable, reason = tensorrt_runnable(directory, need_loader_path=need_loader_path)
+    if runnable:
+        return "tensorrt", "the TensorRT plans"
+    return "onnxruntime", f"the reference graphs, since the TensorRT plans cannot run here: {reason}"
+
+
+def engine_executor(directory: str | Path) -> str:
+    """The executor ``executor="auto"`` picks for an engine directory (``choose_engine_executor``)."""
+    return choose_engine_executor(directory)[0]
 
 
 def _placeholder_model(checkpoint: Path, tp: int = 1) -> NLDModel:
@@ -172,8 +182,8 @@ def from_engine_dir(directory: str | Path, executor: str = "onnxruntime", settin
         def factory(model: NLDModel, cache: PagedKVCache) -> Executor:  # executor_kwargs are onnxruntime's
             return make_executor("tensorrt", engine_dir=directory, cache=cache, check=False)
     else:
-        raise ValueError(f"executor {executor!r} cannot run an engine directory; use 'auto', 'tensorrt', "
-                         f"'onnxruntime' or 'torch'")
+        raise ValueError(f"executor {executor!r} cannot run an engine directory; use "
+                         f"{', '.join(map(repr, ENGINE_EXECUTORS))}")
     rt = build_runtime(model, load_tokenizer(ckpt, model.config), settings, factory, limits, pool_device)
     rt.engine_manifest = manifest
     return with_measured_costs(rt, directory)

@@ -160,14 +160,14 @@ GENERATE_OPTIONS = ("num_pages", "page_size", "max_batch_size", "kernels", "dtyp
 
 
 def positive_int(option: str, minimum: int = 1):
-    """An argparse ``type`` accepting integers >= ``minimum``; the error names ``option``."""
+    """An argparse ``type`` accepting integers >= ``minimum``; the error names ``option`` and what was given."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = minimum - 1
+            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {value}")
         return value
     return parse
 
@@ -175,6 +175,10 @@ def positive_int(option: str, minimum: int = 1):
 def _option(f) -> str:
     return "--" + (f.metadata.get("triton") or f.name).replace("_", "-")
 
+
+# what runs an engine directory (TriModeLM.from_engine): auto = tensorrt where its plans can run in this process,
+# else onnxruntime; torch = the engine's checkpoint
+ENGINE_EXECUTORS = ("auto", "tensorrt", "onnxruntime", "torch")
 
 # the settings an engine directory's build-time limits size when they are not given (RuntimeSettings.given)
 ENGINE_SIZED = ("num_pages", "page_size", "max_batch_size")

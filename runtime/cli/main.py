@@ -36,18 +36,6 @@ from trimode.runtime.stopping import OutputAssembler
 MODES = [m.value for m in Mode]
 
 
-def _positive_int(name: str, minimum: int = 1):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= {minimum}, got {value}")
-        return value
-    return parse
-
-
 def _unit_float(name: str, low_open: bool = False):
     def parse(text: str) -> float:
         try:
@@ -79,23 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text")
     add_source_arguments(g)  # --model | --engine, --executor (what load_lm reads)
     g.add_argument("--mode", choices=MODES, default="spec", help="decoding mode (default: spec)")
-    g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
-    g.add_argument("--block-length", type=_positive_int("--block-length"), default=None,
+    g.add_argument("--max-new-tokens", type=settings.positive_int("--max-new-tokens"), default=64)
+    g.add_argument("--block-length", type=settings.positive_int("--block-length"), default=None,
                    help="block length for diffusion and spec (default: the engine directory's, else the "
                         "checkpoint's block_size)")
     g.add_argument("--threshold", type=_unit_float("--threshold"), default=None,
                    help="confidence threshold (diffusion default 0.9; spec default 0 = one draft pass)")
     g.add_argument("--policy", choices=["threshold", "topk", "leftmost"], default=None,
                    help="diffusion unmasking policy (default threshold)")
-    g.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
+    g.add_argument("--max-steps", type=settings.positive_int("--max-steps"), default=None,
                    help="diffusion: denoising passes per block (default: block length)")
     g.add_argument("--no-lora", action="store_true", help="spec: draft without the linear_spec_lora adapter")
-    g.add_argument("--num-subblocks", type=_positive_int("--num-subblocks"), default=None,
+    g.add_argument("--num-subblocks", type=settings.positive_int("--num-subblocks"), default=None,
                    help="fused_spec: sub-blocks drafted per step (default 4)")
-    g.add_argument("--subblock-length", type=_positive_int("--subblock-length"), default=None,
+    g.add_argument("--subblock-length", type=settings.positive_int("--subblock-length"), default=None,
                    help="fused_spec: tokens per sub-block, the next chain's length (default block length / 2)")
     g.add_argument("--temperature", type=_temperature, default=0.0)
-    g.add_argument("--top-k", type=_positive_int("--top-k"), default=None)
+    g.add_argument("--top-k", type=settings.positive_int("--top-k"), default=None)
     g.add_argument("--top-p", type=_unit_float("--top-p", low_open=True), default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true",
@@ -103,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="with --chat: a system message before the user's")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string (repeatable): the output ends before its first occurrence")
-    g.add_argument("--max-thinking-tokens", type=_positive_int("--max-thinking-tokens", 0), default=None,
+    g.add_argument("--max-thinking-tokens", type=settings.positive_int("--max-thinking-tokens", 0), default=None,
                    help="thinking budget: force the end-of-thinking token after this many tokens without it")
-    g.add_argument("--end-think-token-id", type=_positive_int("--end-think-token-id", 0), default=None,
+    g.add_argument("--end-think-token-id", type=settings.positive_int("--end-think-token-id", 0), default=None,
                    help="the end-of-thinking token id (default: config.json's end_think_token_id, else the "
                         "tokenizer's </think>)")
     # the runtime's sizes, kernels and dtype: options derived from runtime.settings (one table for CLI and Triton)

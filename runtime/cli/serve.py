@@ -29,7 +29,7 @@ import time
 
 from trimode.plugins import tensorrt_libs
 from trimode.runtime import settings
-from trimode.runtime.serving.repository import DEFAULT_MODEL_NAME, ENGINE_EXECUTORS, write_repository
+from trimode.runtime.serving.repository import DEFAULT_MODEL_NAME, write_repository
 from trimode.runtime.serving.server import ENV_VAR, ServingError, TritonServer
 from trimode.runtime.serving.triton_request import MODES
 
@@ -54,7 +54,7 @@ def _add_repo_options(p: argparse.ArgumentParser) -> None:
     settings.add_arguments(p, names=("dtype",))
     p.add_argument("--executor", default=None, metavar="EXECUTOR",
                    help=f"with --model: a registered executor (default {settings.DEFAULTS.executor}); with --engine: "
-                        f"{' | '.join(ENGINE_EXECUTORS)} (default auto: tensorrt where its plans can run in the "
+                        f"{' | '.join(settings.ENGINE_EXECUTORS)} (default auto: tensorrt where its plans can run in the "
                         f"server, else onnxruntime; torch: the engine's checkpoint)")
     settings.add_arguments(p, names=("threads",))
     p.add_argument("--max-block-length", type=int, default=0,

@@ -70,7 +70,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
     src.add_argument("--engine", help="engine directory (scripts/build_engine.py --out); its manifest is checked first")
-    parser.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime", "torch"], default=None,
+    parser.add_argument("--executor", choices=settings.ENGINE_EXECUTORS, default=None,
                         help="with --engine: the TensorRT plans (tensorrt, CUDA GPU), the reference graphs "
                              "(onnxruntime) or the engine's checkpoint (torch); auto (the default): tensorrt where its "
                              "plans can run here, else onnxruntime. A checkpoint (--model) runs on torch")
@@ -82,7 +82,7 @@ def load_lm(args: argparse.Namespace):
     it too. Raises ``CheckpointError`` / ``EngineDirError`` naming the problem (before any choice is printed),
     ``ValueError`` for bad settings (``--executor`` other than torch with ``--model``)."""
     from trimode.runtime.api import TriModeLM
-    from trimode.runtime.executors.trt_executor import tensorrt_runnable
+    from trimode.runtime.assembly import choose_engine_executor
 
     runtime_settings = settings.from_args(args, settings.GENERATE_OPTIONS)
     if args.engine is None:
@@ -94,15 +94,14 @@ def load_lm(args: argparse.Namespace):
 
     check_engine_dir(args.engine, verify_hashes=False)  # a path that is no engine directory: its error, nothing else
     executor = args.executor or "auto"
-    runnable, why = tensorrt_runnable(args.engine, need_loader_path=False) if executor in ("auto", "tensorrt") \
-        else (False, "")
-    if runnable:
-        tensorrt_libs.reexec_with_loader_path()  # TensorRT-RTX plugin engines need libtensorrt_rtx.so
-        executor = "tensorrt"
-    elif executor == "auto":
-        executor = "onnxruntime"
-        print(f"trimode: --executor auto: onnxruntime (the reference graphs), since the TensorRT plans cannot run "
-              f"here: {why}", file=sys.stderr)
+    if executor in ("auto", "tensorrt"):
+        chosen, why = choose_engine_executor(args.engine, need_loader_path=False)
+        if chosen == "tensorrt":
+            tensorrt_libs.reexec_with_loader_path()  # TensorRT-RTX plugin engines need libtensorrt_rtx.so
+            executor = "tensorrt"
+        elif executor == "auto":
+            executor = "onnxruntime"
+            print(f"trimode: --executor auto: onnxruntime ({why})", file=sys.stderr)
     return TriModeLM.from_engine(args.engine, executor=executor, settings=runtime_settings)
 
 

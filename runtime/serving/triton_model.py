@@ -182,14 +182,12 @@ def load_engine(engine_dir: Path, params: dict):
     this process started with: the launcher puts it there), else onnxruntime; the choice and why is logged once.
     Raises ``EngineDirError`` / ``EngineMismatch`` naming what the runtime refuses."""
     from trimode.runtime.api import TriModeLM
-    from trimode.runtime.executors.trt_executor import tensorrt_runnable
+    from trimode.runtime.assembly import choose_engine_executor
 
     executor, why = params["executor"], ""
     if executor == "auto":
-        runnable, reason = tensorrt_runnable(engine_dir)
-        executor = "tensorrt" if runnable else "onnxruntime"
-        why = " (executor auto: the TensorRT plans)" if runnable else \
-            f" (executor auto: the reference graphs, since the TensorRT plans cannot run here: {reason})"
+        executor, reason = choose_engine_executor(engine_dir)
+        why = f" (executor auto: {reason})"
     lm = TriModeLM.from_engine(engine_dir, executor=executor, settings=engine_settings(params),
                                page_size=params["page_size"] or None)
     _log_info(f"trimode: engine directory {engine_dir}: executor {lm.settings.executor}{why}")

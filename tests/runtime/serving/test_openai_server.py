@@ -90,6 +90,16 @@ def stats(server) -> dict:
     return httpx.get(server + "/stats").json()
 
 
+def stats_when_idle(server, timeout: float = 30.0) -> dict:
+    """The stats once no request is in flight and every page is free (or when ``timeout`` s have passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = stats(server)
+        if (st["requests_in_flight"] == 0 and st["pages_free"] == st["num_pages"]) or time.monotonic() >= deadline:
+            return st
+        time.sleep(0.05)
+
+
 def test_models_health_and_stats(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert client.models.retrieve(NAME).id == NAME
@@ -248,12 +258,7 @@ def test_a_client_gone_mid_stream_frees_its_pages(server, client):
     first = next(iter(stream))
     assert first.choices[0].finish_reason is None
     stream.close()  # the client goes away with ~480 tokens still to generate
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        st = stats(server)
-        if st["requests_in_flight"] == 0 and st["pages_free"] == st["num_pages"]:
-            break
-        time.sleep(0.05)
+    st = stats_when_idle(server)
     assert st["requests_in_flight"] == 0 and st["pages_free"] == st["num_pages"] and st["pages_reserved"] == 0, st
     assert st["cancelled"] == before["cancelled"] + 1 and st["completed"] == before["completed"], st
 
@@ -263,12 +268,7 @@ def test_a_client_gone_while_waiting_for_a_whole_answer_frees_its_pages(server):
     body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 480, "mode": "ar", "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 480 tokens and closes the connection
         httpx.post(server + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        st = stats(server)
-        if st["requests_in_flight"] == 0 and st["pages_free"] == st["num_pages"]:
-            break
-        time.sleep(0.05)
+    st = stats_when_idle(server)
     assert st["requests_in_flight"] == 0 and st["pages_free"] == st["num_pages"], st
     assert st["cancelled"] == before["cancelled"] + 1 and st["completed"] == before["completed"], st
 
